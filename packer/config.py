@@ -1,0 +1,321 @@
+"""Configuration for the packing stages: source → resolution → token drop → packing → decode.
+
+One pydantic model per stage, grouped in :class:`PackConfig`. Configs load from YAML files in
+``configs/`` and are overridden from the CLI with dotted keys (``packing.seq_len=512``). Every
+output (plan report, index.json) records ``PackConfig.model_dump()`` plus the seed, so a pack can be
+reproduced from its own index.
+
+Short spec strings are accepted where a user types them on the command line:
+``--resolution truncnormal:-0.5:1:64:384`` and ``--token-drop beta:0.25:0.5``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from packer.errors import ConfigError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class _Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Stage):
+    """Where images come from and how they are labelled."""
+
+    labels: Literal["folder", "none"] = Field(
+        "folder",
+        description="'folder': label = first-level folder name (ImageFolder); 'none': unlabeled (-1). "
+        "Manifests use their own 'label' column when present.",
+    )
+    extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="accepted file extensions (any case)")
+    follow_hidden: bool = Field(False, description="include hidden files and folders (names starting '.')")
+
+
+class ResolutionConfig(_Stage):
+    """Per-image target resolution (NaViT §3.2). Aspect ratio is always preserved."""
+
+    kind: Literal["native", "uniform", "truncnormal"] = Field(
+        "truncnormal", description="native size (capped), uniform(lo, hi) or truncnormal(mean, std, lo, hi)"
+    )
+    lo: int = Field(64, ge=1, le=8192, description="smallest sampled side length, pixels")
+    hi: int = Field(384, ge=1, le=8192, description="largest sampled side length, pixels")
+    mean: float = Field(-0.5, ge=-10, le=10, description="truncnormal: mean of N(mean, std) on [-1, 1]")
+    std: float = Field(1.0, gt=0, le=100, description="truncnormal: std of N(mean, std) on [-1, 1]")
+    side: Literal["longest", "area"] = Field(
+        "longest",
+        description="the sampled length is the longer side ('longest') or the side of an equal-area square",
+    )
+    native_max_side: int = Field(
+        1024, ge=1, le=65536, description="native: longer side capped at this many pixels"
+    )
+    upsample: bool = Field(
+        True, description="allow a sampled size larger than the native image (False caps at native)"
+    )
+
+    @model_validator(mode="after")
+    def _lo_le_hi(self) -> ResolutionConfig:
+        if self.lo > self.hi:
+            raise ValueError(f"lo ({self.lo}) must be <= hi ({self.hi})")
+        return self
+
+
+class TokenDropConfig(_Stage):
+    """Continuous token dropping (NaViT §3.1). Rates are fractions of an image's tokens."""
+
+    kind: Literal["none", "constant", "beta", "resolution"] = Field(
+        "none",
+        description="none | constant(rate) | beta(mean, max): d = u*max, u ~ Beta with mean 'mean' | "
+        "resolution(min_rate, max_rate, jitter): rate grows linearly with token count",
+    )
+    rate: float = Field(0.0, ge=0.0, lt=1.0, description="constant: drop rate")
+    mean: float = Field(0.25, gt=0.0, lt=1.0, description="beta: mean of u ~ Beta(a, b)")
+    max: float = Field(0.5, ge=0.0, lt=1.0, description="beta: d_max, the largest drop rate")
+    concentration: float = Field(4.0, gt=0.0, le=1000.0, description="beta: a + b of the Beta distribution")
+    min_rate: float = Field(0.0, ge=0.0, lt=1.0, description="resolution: rate at 1 token")
+    max_rate: float = Field(0.5, ge=0.0, lt=1.0, description="resolution: rate at max_tokens_per_image")
+    jitter: float = Field(0.02, ge=0.0, le=0.5, description="resolution: std of the truncated-normal jitter")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> TokenDropConfig:
+        if self.min_rate > self.max_rate:
+            raise ValueError(f"min_rate ({self.min_rate}) must be <= max_rate ({self.max_rate})")
+        return self
+
+
+PackerName = Literal["next-fit", "first-fit", "bfd", "histogram", "stream"]
+
+
+class PackingConfig(_Stage):
+    """How images (of known token lengths) are packed into fixed-length sequences."""
+
+    seq_len: int = Field(1024, ge=1, le=1 << 20, description="tokens per packed sequence")
+    patch_size: int = Field(16, ge=1, le=256, description="patch side in pixels")
+    max_images_per_seq: int = Field(64, ge=1, le=4096, description="cap on images in one sequence")
+    max_tokens_per_image: int | None = Field(
+        None, ge=1, description="cap on an image's full token count (default: seq_len); shrinks, never crops"
+    )
+    packer: PackerName = Field("bfd", description="next-fit | first-fit | bfd | histogram | stream")
+    exact_fill: bool = Field(
+        False, description="with token dropping, fill each sequence's gap with dropped tokens"
+    )
+    stream_window: int = Field(4096, ge=1, description="stream: images per window")
+    stream_open_bins: int = Field(64, ge=0, description="stream: open sequences carried between windows")
+    partition_size: int = Field(
+        1_000_000, ge=1, description="images planned together; larger sets are planned per partition"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PackingConfig:
+        if self.max_tokens_per_image is not None and self.max_tokens_per_image > self.seq_len:
+            raise ValueError(
+                f"max_tokens_per_image ({self.max_tokens_per_image}) must be <= seq_len ({self.seq_len})"
+            )
+        return self
+
+    @property
+    def token_cap(self) -> int:
+        return self.max_tokens_per_image or self.seq_len
+
+
+class DecodeConfig(_Stage):
+    """Decoding and pixel handling in `navit pack`."""
+
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="decompression-bomb limit: images with more pixels are rejected"
+    )
+    background: tuple[int, int, int] = Field((255, 255, 255), description="RGB colour alpha is composited on")
+    jpeg_draft: bool = Field(True, description="decode JPEGs at the smallest DCT scale covering the target")
+
+    @model_validator(mode="after")
+    def _bg(self) -> DecodeConfig:
+        if any(not 0 <= c <= 255 for c in self.background):
+            raise ValueError("background values must be in [0, 255]")
+        return self
+
+
+class OutputConfig(_Stage):
+    """Shard layout for `navit pack`."""
+
+    shard_rows: int | None = Field(
+        None, ge=1, description="sequences per shard (default: about 128 MB of patches per shard)"
+    )
+    epochs: int = Field(1, ge=1, le=10_000, description="independent plans (fresh draws) written in turn")
+
+
+class PackConfig(_Stage):
+    """Everything that determines a plan and its shards. Runtime knobs (workers, Ray address) are not
+    here: they must not change the output."""
+
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="global seed of every random draw")
+    source: SourceConfig = SourceConfig()
+    resolution: ResolutionConfig = ResolutionConfig()
+    token_drop: TokenDropConfig = TokenDropConfig()
+    packing: PackingConfig = PackingConfig()
+    decode: DecodeConfig = DecodeConfig()
+    output: OutputConfig = OutputConfig()
+
+    def fingerprint(self) -> str:
+        """Stable hash of the resolved config: equal fingerprints ⇒ identical output."""
+        import hashlib
+
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spec strings typed on the command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def _floats(spec: str, parts: list[str], n: int, what: str) -> list[float]:
+    if len(parts) != n:
+        raise ConfigError(f"{what} '{spec}': expected {n} numbers after '{spec.split(':')[0]}'")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"{what} '{spec}': not a number in {parts}") from None
+
+
+def parse_resolution(spec: str) -> dict[str, Any]:
+    """'native' | 'native:MAXSIDE' | 'uniform:LO:HI' | 'truncnormal:MEAN:STD:LO:HI' → field dict."""
+    kind, *parts = spec.strip().lower().split(":")
+    if kind == "native":
+        if not parts:
+            return {"kind": "native"}
+        (cap,) = _floats(spec, parts, 1, "--resolution")
+        return {"kind": "native", "native_max_side": int(cap)}
+    if kind == "uniform":
+        lo, hi = _floats(spec, parts, 2, "--resolution")
+        return {"kind": "uniform", "lo": int(lo), "hi": int(hi)}
+    if kind == "truncnormal":
+        mean, std, lo, hi = _floats(spec, parts, 4, "--resolution")
+        return {"kind": "truncnormal", "mean": mean, "std": std, "lo": int(lo), "hi": int(hi)}
+    raise ConfigError(f"--resolution '{spec}': expected native, uniform:LO:HI or truncnormal:MEAN:STD:LO:HI")
+
+
+def parse_token_drop(spec: str) -> dict[str, Any]:
+    """'none' | 'constant:RATE' | 'beta:MEAN:MAX' | 'resolution:MIN:MAX[:JITTER]' → field dict."""
+    kind, *parts = spec.strip().lower().split(":")
+    if kind == "none":
+        return {"kind": "none"}
+    if kind == "constant":
+        (rate,) = _floats(spec, parts, 1, "--token-drop")
+        return {"kind": "constant", "rate": rate}
+    if kind == "beta":
+        mean, mx = _floats(spec, parts, 2, "--token-drop")
+        return {"kind": "beta", "mean": mean, "max": mx}
+    if kind == "resolution":
+        vals = _floats(spec, parts, len(parts) if len(parts) in (2, 3) else 2, "--token-drop")
+        out: dict[str, Any] = {"kind": "resolution", "min_rate": vals[0], "max_rate": vals[1]}
+        if len(vals) == 3:
+            out["jitter"] = vals[2]
+        return out
+    raise ConfigError(
+        f"--token-drop '{spec}': expected none, constant:RATE, beta:MEAN:MAX or resolution:MIN:MAX[:JITTER]"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: YAML file + dotted overrides → validated model, with one-line errors
+# ----------------------------------------------------------------------------------------------------
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """First error of a pydantic ValidationError as one line: 'packing.seq_len: must be >= 1 (got 0)'."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    msg = first.get("msg", "invalid value")
+    ctx = first.get("ctx") or {}
+    for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if bound in ctx:
+            msg = f"must be {word} {ctx[bound]}"
+    if first.get("type") == "literal_error" and "expected" in ctx:
+        msg = f"must be one of {ctx['expected']}"
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    got = first.get("input")
+    got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "config")
+    return f"{where}: {msg}{got_s}"
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) config file into a dict; one-line error if missing or malformed."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping")
+    return data
+
+
+def build_config(
+    cls: type[BaseModel],
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    section: str | None = None,
+) -> Any:
+    """Validate ``cls`` from an optional YAML file (or one ``section`` of it) plus dotted overrides.
+
+    Overrides whose value is None are ignored (an unset CLI flag). Raises ConfigError with one line.
+    """
+    data: dict[str, Any] = {}
+    if file is not None:
+        data = read_yaml(file)
+        if section is not None:
+            data = data.get(section, {}) or {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            if isinstance(value, dict):
+                node = data
+                for p in key.split("."):
+                    node = node.setdefault(p, {})
+                node.update(value)
+            else:
+                _set_dotted(data, key, value)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_pack_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PackConfig:
+    """The PackConfig of a YAML file (its top level, or its 'pack' section if present) + overrides."""
+    data_file = file
+    section = None
+    if file is not None and "pack" in read_yaml(file):
+        section = "pack"
+    return build_config(PackConfig, data_file, overrides, section=section)

@@ -1,0 +1,13 @@
+"""Errors a user can cause. The CLI prints them as one line (no traceback) and exits with code 2."""
+
+
+class NavitError(Exception):
+    """A user-facing error: bad input, bad flag, bad data directory. The message is one line."""
+
+
+class ConfigError(NavitError):
+    """An invalid configuration value; the message names the field and the allowed range."""
+
+
+class DataError(NavitError):
+    """A data directory that is missing, corrupt, or of an unknown format version."""
