@@ -1,0 +1,161 @@
+"""`navit serve`: stream packed rows over Arrow Flight to trainers on other machines.
+
+``navit serve DIR`` serves an existing pack; ``navit serve SOURCE [pack flags]`` runs the live packing
+pipeline (plan + Ray, nothing written). ``navit serve --status`` asks a running server what it is doing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli import common
+from packer.errors import ConfigError, DataError
+
+
+def _is_pack_dir(path: str) -> bool:
+    if "://" in path:  # s3:// or gs:// pack directories
+        return True
+    return (Path(path) / "index.json").is_file()
+
+
+def _read_file(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: {e.strerror}") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        source: Annotated[
+            str | None,
+            typer.Argument(help="a pack directory (index.json) or a raw image SOURCE for live packing"),
+        ] = None,
+        host: Annotated[str, typer.Option("--host", help="interface to listen on")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="TCP port (0 = any free port)")] = 8815,
+        token_file: Annotated[
+            Path | None,
+            typer.Option("--token-file", help="shared secret; required to listen beyond loopback"),
+        ] = None,
+        tls_cert: Annotated[
+            Path | None, typer.Option("--tls-cert", help="PEM certificate chain (enables TLS)")
+        ] = None,
+        tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key")] = None,
+        verify: Annotated[
+            bool, typer.Option("--verify", help="re-hash every shard (sha256) before serving")
+        ] = False,
+        status: Annotated[
+            bool, typer.Option("--status", help="print the status of the server at --host/--port and exit")
+        ] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="--status: print one JSON object")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-stream log lines")] = False,
+        config: common.ConfigOpt = None,
+        seq_len: common.SeqLenOpt = None,
+        patch_size: common.PatchOpt = None,
+        max_images_per_seq: common.MaxImagesOpt = None,
+        max_tokens_per_image: common.MaxTokensOpt = None,
+        seed: common.SeedOpt = None,
+        resolution: common.ResolutionOpt = None,
+        token_drop: common.TokenDropOpt = None,
+        packer: common.PackerOpt = None,
+        exact_fill: common.ExactFillOpt = None,
+        sets: common.SetOpt = None,
+        workers: common.WorkersOpt = None,
+        ray_address: common.RayAddressOpt = None,
+    ) -> None:
+        """Serve packed rows over Arrow Flight: a pack DIR, or live packing of SOURCE (see docs/serve.md)."""
+        from trainer.flight_client import read_token_file
+
+        token = read_token_file(token_file) if token_file else None
+        if status:
+            _print_status(host, port, token, _read_file(tls_cert, "--tls-cert"), json_out)
+            return
+        if source is None:
+            raise ConfigError("give a pack DIR or an image SOURCE to serve (or --status)")
+
+        from packer.flight_server import make_server
+        from packer.serve import LiveSource, ShardSetSource
+
+        if _is_pack_dir(source):
+            src = ShardSetSource(source, verify=verify)
+            what = f"pack {source} ({_epochs_line(src.describe())})"
+        else:
+            if not Path(source).exists():
+                raise DataError(f"{source}: no such file or directory")
+            cfg = common.pack_config_from_flags(
+                config,
+                seq_len=seq_len,
+                patch_size=patch_size,
+                max_images_per_seq=max_images_per_seq,
+                max_tokens_per_image=max_tokens_per_image,
+                seed=seed,
+                resolution=resolution,
+                token_drop=token_drop,
+                packer=packer,
+                exact_fill=exact_fill,
+                sets=sets,
+            )
+            src = LiveSource(source, cfg, ray_address=ray_address, workers=workers)
+            what = f"live packing of {source} (seed {cfg.seed}, any epoch)"
+
+        server = make_server(
+            src,
+            host=host,
+            port=port,
+            token=token,
+            tls_cert=_read_file(tls_cert, "--tls-cert"),
+            tls_key=_read_file(tls_key, "--tls-key"),
+        )
+        if not quiet:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+            logging.getLogger("navit.serve").setLevel(logging.INFO)
+        scheme = "flight+tls" if tls_cert else "flight"
+        auth = "token required" if token else "no token (loopback only)"
+        # The first stdout line names the real port (useful with --port 0); flush for pipes.
+        typer.echo(f"navit serve: listening on {scheme}://{host}:{server.port} — {what}; {auth}")
+        sys.stdout.flush()
+        try:
+            server.serve()  # returns on SIGINT/SIGTERM
+        finally:
+            server.shutdown()
+        st = server.state.snapshot()
+        typer.echo(
+            f"navit serve: stopped; {st['rows_served']} rows, {st['bytes_served'] / 1e9:.2f} GB served "
+            f"in {st['streams_completed']} complete streams ({st['streams_aborted']} ended early)"
+        )
+
+
+def _epochs_line(desc: dict) -> str:
+    rows = desc.get("rows_per_epoch", {})
+    return ", ".join(f"epoch {e}: {n} rows" for e, n in rows.items())
+
+
+def _print_status(host: str, port: int, token: str | None, tls_root: bytes | None, as_json: bool) -> None:
+    from trainer.flight_client import FlightDataClient
+
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+    scheme = "flight+tls" if tls_root else "flight"
+    with FlightDataClient(f"{scheme}://{connect_host}:{port}", token=token, tls_root_cert=tls_root) as c:
+        st = c.status()
+    if as_json:
+        typer.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    typer.echo(
+        f"up {st['uptime_s']:.0f} s; {st['rows_served']} rows, {st['bytes_served'] / 1e9:.2f} GB served; "
+        f"streams {st['streams_completed']} done, {st['streams_aborted']} ended early; "
+        f"clients {st['clients_connected']} connected, {st['clients_seen']} seen"
+    )
+    for s in st["streams_in_progress"]:
+        typer.echo(
+            f"  #{s['id']} {s['peer']}  epoch {s['epoch']} rank {s['rank']}/{s['world_size']}  "
+            f"{s['rows_sent']}/{s['rows_total']} rows  {s['bytes_sent'] / 1e6:.1f} MB  {s['seconds']:.0f} s"
+        )

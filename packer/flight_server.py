@@ -1,0 +1,367 @@
+"""The Arrow Flight transport of `navit serve`: tickets, auth, TLS, backpressure and status.
+
+- ``do_get(ticket)`` streams one rank's partition of one epoch (see packer/serve.py for the
+  partition). The ticket is UTF-8 JSON ``{"epoch": E, "rank": R, "world_size": W, "start_row": S}``
+  (``start_row`` optional, default 0, an offset inside the rank's rows).
+- Backpressure: the stream is a :class:`pyarrow.flight.GeneratorStream`; Flight pulls the next
+  record batch only after gRPC accepted the previous one, and gRPC's per-stream flow-control window
+  stops accepting when the client does not read. A slow client therefore holds the server at about
+  one row group plus the transport window per stream, never the epoch.
+- Auth: with a token, a server middleware checks ``authorization: Bearer <token>`` on every call
+  (constant-time compare) and refuses the call otherwise. Without a token the server only binds to
+  loopback; :func:`make_server` refuses any other interface.
+- Actions: ``status`` (streams in progress, rows and bytes served, clients), ``info`` (mode, epochs,
+  geometry), ``epoch`` (rows of an epoch and per rank, body ``{"epoch", "world_size"}``).
+
+Errors reach the client as ``FlightServerError`` whose ``extra_info`` names the kind (``bad_ticket``,
+``data``); :mod:`trainer.flight_client` turns them into one-line messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as fl
+
+from packer.errors import ConfigError, NavitError
+from packer.serve import EpochSource, rank_range
+
+log = logging.getLogger("navit.serve")
+
+TICKET_KEYS = ("epoch", "rank", "world_size", "start_row")
+DEFAULT_PORT = 8815
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tickets
+# ----------------------------------------------------------------------------------------------------
+
+
+class BadTicket(NavitError):
+    """A ticket that is not valid JSON or names an impossible partition."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    epoch: int
+    rank: int
+    world_size: int
+    start_row: int = 0
+
+
+def parse_ticket(raw: bytes) -> Ticket:
+    """Ticket bytes → :class:`Ticket`; BadTicket with a one-line reason otherwise."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadTicket(
+            'bad ticket: expected JSON like {"epoch": 0, "rank": 0, "world_size": 1, "start_row": 0}'
+        ) from None
+    if not isinstance(obj, dict):
+        raise BadTicket("bad ticket: expected a JSON object")
+    unknown = sorted(set(obj) - set(TICKET_KEYS))
+    if unknown:
+        raise BadTicket(f"bad ticket: unknown keys {unknown} (allowed: {list(TICKET_KEYS)})")
+    for key in TICKET_KEYS:
+        if key not in obj:
+            if key == "start_row":
+                continue
+            raise BadTicket(f"bad ticket: missing '{key}'")
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadTicket(f"bad ticket: '{key}' must be an integer, got {value!r}")
+    t = Ticket(obj["epoch"], obj["rank"], obj["world_size"], obj.get("start_row", 0))
+    if t.world_size < 1:
+        raise BadTicket(f"bad ticket: world_size must be >= 1, got {t.world_size}")
+    if not 0 <= t.rank < t.world_size:
+        raise BadTicket(f"bad ticket: rank must be in [0, {t.world_size}), got {t.rank}")
+    if t.start_row < 0:
+        raise BadTicket(f"bad ticket: start_row must be >= 0, got {t.start_row}")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------
+# Status bookkeeping
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    peer: str
+    ticket: Ticket
+    rows_total: int  # rows this stream will send if drained
+    started: float = field(default_factory=time.time)
+    rows_sent: int = 0
+    bytes_sent: int = 0
+
+
+class ServeState:
+    """Thread-safe counters behind the ``status`` action (Flight serves each call on its own thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self.active: dict[int, _Stream] = {}
+        self.rows_served = 0
+        self.bytes_served = 0
+        self.streams_completed = 0
+        self.streams_aborted = 0
+        self.peers_seen: set[str] = set()
+        self.started = time.time()
+
+    def open(self, peer: str, ticket: Ticket, rows_total: int) -> int:
+        with self._lock:
+            sid = self._next_id
+            self._next_id += 1
+            self.active[sid] = _Stream(peer, ticket, rows_total)
+            self.peers_seen.add(_host(peer))
+            return sid
+
+    def sent(self, sid: int, rows: int, nbytes: int) -> None:
+        with self._lock:
+            s = self.active[sid]
+            s.rows_sent += rows
+            s.bytes_sent += nbytes
+            self.rows_served += rows
+            self.bytes_served += nbytes
+
+    def close(self, sid: int) -> _Stream:
+        with self._lock:
+            s = self.active.pop(sid)
+            if s.rows_sent == s.rows_total:
+                self.streams_completed += 1
+            else:
+                self.streams_aborted += 1
+            return s
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            streams = [
+                {
+                    "id": sid,
+                    "peer": s.peer,
+                    **s.ticket.__dict__,
+                    "rows_total": s.rows_total,
+                    "rows_sent": s.rows_sent,
+                    "bytes_sent": s.bytes_sent,
+                    "seconds": round(time.time() - s.started, 3),
+                }
+                for sid, s in sorted(self.active.items())
+            ]
+            return {
+                "uptime_s": round(time.time() - self.started, 3),
+                "streams_in_progress": streams,
+                "clients_connected": len({_host(s["peer"]) for s in streams}),
+                "clients_seen": len(self.peers_seen),
+                "rows_served": self.rows_served,
+                "bytes_served": self.bytes_served,
+                "streams_completed": self.streams_completed,
+                "streams_aborted": self.streams_aborted,
+            }
+
+
+def _host(peer: str) -> str:
+    """'ipv4:127.0.0.1:5312' → 'ipv4:127.0.0.1' (a client's connections share its address)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Auth
+# ----------------------------------------------------------------------------------------------------
+
+
+class _TokenMiddlewareFactory(fl.ServerMiddlewareFactory):
+    """Refuses every call whose ``authorization`` header is not ``Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self._expected = f"Bearer {token}".encode()
+
+    def start_call(self, info: fl.CallInfo, headers: dict[str, list[str]]) -> None:
+        got = (headers.get("authorization") or [""])[0]
+        if isinstance(got, str):
+            got = got.encode()
+        if not hmac.compare_digest(got, self._expected):
+            why = "no token given" if not got else "wrong token"
+            raise fl.FlightUnauthenticatedError(
+                f"navit serve refused the call: {why} (pass the server's token, e.g. --token-file F)"
+            )
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The server
+# ----------------------------------------------------------------------------------------------------
+
+
+class NavitFlightServer(fl.FlightServerBase):
+    """Serves an :class:`~packer.serve.EpochSource` over Flight."""
+
+    def __init__(
+        self,
+        source: EpochSource,
+        location: str,
+        token: str | None = None,
+        tls_cert_chain: bytes | None = None,
+        tls_private_key: bytes | None = None,
+    ) -> None:
+        middleware = {"auth": _TokenMiddlewareFactory(token)} if token else None
+        tls = [fl.CertKeyPair(tls_cert_chain, tls_private_key)] if tls_cert_chain else None
+        super().__init__(location, tls_certificates=tls, middleware=middleware)
+        self.source = source
+        self.state = ServeState()
+
+    # -- streams ------------------------------------------------------------------------------------
+
+    def do_get(self, context: fl.ServerCallContext, ticket: fl.Ticket) -> fl.GeneratorStream:
+        try:
+            t = parse_ticket(ticket.ticket)
+            n = self.source.epoch_rows(t.epoch)
+            lo, hi = rank_range(n, t.rank, t.world_size)
+            if t.start_row > hi - lo:
+                raise BadTicket(
+                    f"bad ticket: start_row {t.start_row} is past the end of rank {t.rank}'s "
+                    f"{hi - lo} rows of epoch {t.epoch} (world_size {t.world_size})"
+                )
+        except NavitError as e:
+            raise _flight_error(e) from None
+        peer = context.peer()
+        sid = self.state.open(peer, t, hi - lo - t.start_row)
+        log.info(
+            "stream %d: %s epoch %d rank %d/%d rows %d..%d",
+            sid, peer, t.epoch, t.rank, t.world_size, lo + t.start_row, hi,
+        )  # fmt: skip
+        return fl.GeneratorStream(self.source.schema, self._generate(sid, t.epoch, lo + t.start_row, hi))
+
+    def _generate(self, sid: int, epoch: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        # Runs lazily on Flight's thread; the finally clause runs when the stream ends, fails or the
+        # client goes away (Flight drops the generator).
+        try:
+            for batch in self.source.stream(epoch, lo, hi):
+                yield batch
+                self.state.sent(sid, batch.num_rows, batch.nbytes)
+        except NavitError as e:
+            raise _flight_error(e) from None
+        finally:
+            s = self.state.close(sid)
+            log.info(
+                "stream %d %s: %d/%d rows, %.1f MB in %.2f s",
+                sid,
+                "done" if s.rows_sent == s.rows_total else "ended early",
+                s.rows_sent,
+                s.rows_total,
+                s.bytes_sent / 1e6,
+                time.time() - s.started,
+            )
+
+    # -- actions ------------------------------------------------------------------------------------
+
+    def list_actions(self, context: fl.ServerCallContext) -> list[tuple[str, str]]:
+        return [
+            ("status", "streams in progress, rows and bytes served, clients (JSON)"),
+            ("info", "mode, epochs, seq_len, patch_size (JSON)"),
+            ("epoch", 'rows of an epoch and of each rank; body {"epoch": E, "world_size": W} (JSON)'),
+        ]
+
+    def do_action(self, context: fl.ServerCallContext, action: fl.Action) -> Iterator[bytes]:
+        try:
+            if action.type == "status":
+                out: dict[str, Any] = self.state.snapshot()
+            elif action.type == "info":
+                out = self.source.describe()
+            elif action.type == "epoch":
+                out = self._epoch_action(action.body.to_pybytes() if action.body else b"")
+            else:
+                raise BadTicket(f"unknown action {action.type!r} (status, info, epoch)")
+        except NavitError as e:
+            raise _flight_error(e) from None
+        return iter([json.dumps(out, sort_keys=True).encode()])
+
+    def _epoch_action(self, body: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(body or b"{}")
+            epoch, world = int(req.get("epoch", 0)), int(req.get("world_size", 1))
+        except (ValueError, TypeError, AttributeError):
+            raise BadTicket('bad request: expected JSON {"epoch": E, "world_size": W}') from None
+        if world < 1:
+            raise BadTicket(f"bad request: world_size must be >= 1, got {world}")
+        n = self.source.epoch_rows(epoch)
+        ranks = [rank_range(n, r, world) for r in range(world)]
+        return {"epoch": epoch, "rows": n, "world_size": world, "rank_rows": [b - a for a, b in ranks]}
+
+
+def _flight_error(e: NavitError) -> fl.FlightServerError:
+    kind = b"bad_ticket" if isinstance(e, BadTicket) else b"data"
+    return fl.FlightServerError(str(e), extra_info=kind)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Binding safely
+# ----------------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from other machines
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A clear error before gRPC's own (which only says the server 'did not start properly')."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    bind_host = "127.0.0.1" if host == "localhost" else host.strip("[]")
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((bind_host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise NavitError(
+                    f"port {port} on {host} is already in use (another navit serve?); choose --port"
+                ) from None
+            raise NavitError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def make_server(
+    source: EpochSource,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    token: str | None = None,
+    tls_cert: bytes | None = None,
+    tls_key: bytes | None = None,
+) -> NavitFlightServer:
+    """Bind a server (it accepts calls from now on; ``serve()`` only blocks). Refuses a non-loopback
+    interface without a token, and says so when the port is taken."""
+    if not is_loopback(host) and not token:
+        raise ConfigError(
+            f"--host {host} is reachable from other machines: give --token-file F "
+            "(clients then send the same token), or keep the default --host 127.0.0.1"
+        )
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {port}")
+    if port:
+        _check_port_free(host, port)
+    scheme = "grpc+tls" if tls_cert else "grpc+tcp"
+    h = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    try:
+        return NavitFlightServer(source, f"{scheme}://{h}:{port}", token, tls_cert, tls_key)
+    except pa.ArrowException as e:
+        msg = str(e).splitlines()[0]
+        if tls_cert:
+            raise ConfigError(f"cannot start the TLS server (bad --tls-cert/--tls-key?): {msg}") from None
+        raise NavitError(f"cannot listen on {host}:{port}: {msg}") from None

@@ -1,0 +1,240 @@
+"""What `navit serve` serves: an epoch as an ordered stream of shard rows, split between trainer ranks.
+
+Two sources share one interface (:class:`EpochSource`):
+
+- :class:`ShardSetSource` — an existing pack directory (``navit pack`` output), read by Parquet row
+  group, memory-mapped when local. Epochs are the ones the pack holds.
+- :class:`LiveSource` — the live packing pipeline over a raw image SOURCE (plan + Ray execution,
+  nothing written to disk). Any epoch ≥ 0 is valid: each has its own plan (NaViT resamples per epoch).
+
+The partition (documented in docs/serve.md, relied on by exact resume) is *contiguous and balanced*:
+an epoch of N rows in pack order is cut into ``world_size`` consecutive ranges whose sizes differ by
+at most one row; rank k gets rows ``[k·N // W, (k+1)·N // W)``. Ranges are disjoint, their union is
+the epoch, and contiguity lets each rank read only its own row groups. ``start_row`` is an offset
+inside the rank's range.
+
+The Flight transport itself (auth, status, backpressure) lives in packer/flight_server.py.
+This module imports neither Ray nor torch at import time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from packer import schema
+from packer.errors import DataError
+
+
+def rank_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of an ``n_rows`` epoch that belong to ``rank`` of ``world_size``.
+
+    Balanced contiguous split: sizes are ⌊N/W⌋ or ⌈N/W⌉, in rank order."""
+    return (rank * n_rows) // world_size, ((rank + 1) * n_rows) // world_size
+
+
+class EpochSource(Protocol):
+    """An ordered, deterministic sequence of packed rows per epoch, all with one shard schema."""
+
+    mode: str  # "shards" or "live"
+    schema: pa.Schema  # exactly schema.shard_schema(seq_len, patch_size), metadata included
+
+    def epochs(self) -> list[int] | None:
+        """The epochs that exist, or None when any epoch ≥ 0 can be produced (live)."""
+        ...
+
+    def epoch_rows(self, epoch: int) -> int:
+        """Rows (packed sequences) in ``epoch``; DataError if the epoch does not exist."""
+        ...
+
+    def stream(self, epoch: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        """Rows ``[lo, hi)`` of ``epoch`` as record batches, produced lazily (a row group at a time)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for the Flight "info" action."""
+        ...
+
+
+def check_epoch(epoch: int, known: list[int] | None) -> None:
+    if epoch < 0 or (known is not None and epoch not in known):
+        have = "any epoch >= 0" if known is None else _ranges(known)
+        raise DataError(f"unknown epoch {epoch}: this server has {have}")
+
+
+def _ranges(values: list[int]) -> str:
+    if not values:
+        return "no epochs"
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"epoch {values[0]}" if len(values) == 1 else f"epochs {values[0]}..{values[-1]}"
+    return "epochs " + ",".join(map(str, values))
+
+
+def _as_batches(table: pa.Table, sch: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """A (possibly chunked) table → record batches carrying exactly ``sch`` (with its metadata)."""
+    for batch in table.to_batches():
+        if batch.num_rows:
+            yield pa.RecordBatch.from_arrays(batch.columns, schema=sch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# An existing shard set
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ShardSpan:
+    file: str
+    first: int  # index of this shard's first row inside its epoch
+    rows: int
+
+
+class ShardSetSource:
+    """Serves a pack directory. Opening checks index.json, each shard's footer (schema and row count
+    against the index); ``verify=True`` also re-hashes every shard (sha256, reads all bytes)."""
+
+    mode = "shards"
+
+    def __init__(self, data_dir: str, verify: bool = False) -> None:
+        self.data_dir = data_dir
+        self.index = schema.read_index(data_dir)
+        self.schema = schema.shard_schema(
+            self.index["seq_len"], self.index["patch_size"], self.index.get("channels", schema.CHANNELS)
+        )
+        if verify:
+            problems = schema.verify_shards(data_dir, self.index)
+            if problems:
+                raise DataError(f"{data_dir}: {len(problems)} bad shard(s), first: {problems[0]}")
+        self._spans: dict[int, list[_ShardSpan]] = {}
+        for entry in self.index["shards"]:
+            epoch = int(entry.get("epoch", 0))
+            spans = self._spans.setdefault(epoch, [])
+            first = spans[-1].first + spans[-1].rows if spans else 0
+            pf = self._open(entry["file"])
+            schema.check_schema(pf.schema_arrow, self.index)
+            if pf.metadata.num_rows != entry["rows"]:
+                got, want = pf.metadata.num_rows, entry["rows"]
+                raise DataError(f"{data_dir}/{entry['file']}: {got} rows, index.json says {want}")
+            spans.append(_ShardSpan(entry["file"], first, int(entry["rows"])))
+
+    def _open(self, file: str) -> Any:
+        try:
+            return schema.open_shard(self.data_dir, file)
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"{self.data_dir}/{file}: cannot open shard ({str(e).splitlines()[0]})") from None
+
+    def epochs(self) -> list[int]:
+        return sorted(self._spans)
+
+    def epoch_rows(self, epoch: int) -> int:
+        check_epoch(epoch, self.epochs())
+        spans = self._spans[epoch]
+        return spans[-1].first + spans[-1].rows if spans else 0
+
+    def stream(self, epoch: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        check_epoch(epoch, self.epochs())
+        for span in self._spans[epoch]:
+            a, b = max(lo, span.first), min(hi, span.first + span.rows)
+            if a >= b:
+                continue
+            yield from self._stream_shard(span.file, a - span.first, b - span.first)
+
+    def _stream_shard(self, file: str, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        # One row group in memory at a time: the generator is pulled by Flight only as fast as the
+        # client drains the stream, so a slow client holds the server at ~one row group.
+        pf = self._open(file)
+        first = 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            a, b = max(lo, first), min(hi, first + n)
+            if a < b:
+                table = pf.read_row_group(g)
+                yield from _as_batches(table.slice(a - first, b - a), self.schema)
+            first += n
+            if first >= hi:
+                break
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "data": self.data_dir,
+            "epochs": self.epochs(),
+            "rows_per_epoch": {str(e): self.epoch_rows(e) for e in self.epochs()},
+            "seq_len": self.index["seq_len"],
+            "patch_size": self.index["patch_size"],
+            "channels": self.index.get("channels", schema.CHANNELS),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The live pipeline (plan + Ray execution)
+# ----------------------------------------------------------------------------------------------------
+
+
+class LiveSource:
+    """Serves the live packing pipeline over a raw image source; nothing is written to disk.
+
+    Rows are produced by ``packer.pipeline.stream_epoch`` in pack order, so epoch e here equals
+    epoch e of ``navit pack`` with the same source, config and seed. Ray is started lazily."""
+
+    mode = "live"
+
+    def __init__(
+        self,
+        source: str,
+        config: Any,
+        ray_address: str | None = None,
+        workers: int | None = None,
+    ) -> None:
+        self.source = source
+        self.config = config
+        self.ray_address = ray_address
+        self.workers = workers
+        self.schema = schema.shard_schema(config.packing.seq_len, config.packing.patch_size)
+        self._lock = threading.Lock()
+        self._rows: dict[int, int] = {}
+
+    def epochs(self) -> None:
+        return None
+
+    def _pipeline(self) -> Any:
+        try:
+            from packer import pipeline
+        except ImportError as e:  # the pack pipeline is a separate module
+            raise DataError(f"live mode needs packer.pipeline ({e})") from None
+        return pipeline
+
+    def epoch_rows(self, epoch: int) -> int:
+        check_epoch(epoch, None)
+        with self._lock:  # planning is deterministic; do it once per epoch even with many clients
+            if epoch not in self._rows:
+                self._rows[epoch] = int(self._pipeline().epoch_rows(self.source, self.config, epoch=epoch))
+            return self._rows[epoch]
+
+    def stream(self, epoch: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        check_epoch(epoch, None)
+        if lo >= hi:
+            return
+        from packer.ray_runtime import ensure_ray
+
+        ensure_ray(self.ray_address, self.workers)
+        batches = self._pipeline().stream_epoch(
+            self.source, self.config, epoch=epoch, start_row=lo, stop_row=hi
+        )
+        for batch in batches:
+            yield pa.RecordBatch.from_arrays(batch.columns, schema=self.schema)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "source": self.source,
+            "epochs": None,
+            "seq_len": self.config.packing.seq_len,
+            "patch_size": self.config.packing.patch_size,
+            "channels": schema.CHANNELS,
+            "seed": self.config.seed,
+        }
