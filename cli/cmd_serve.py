@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -123,8 +124,11 @@ def register(app: typer.Typer) -> None:
         # The first stdout line names the real port (useful with --port 0); flush for pipes.
         typer.echo(f"navit serve: listening on {scheme}://{host}:{server.port} — {what}; {auth}")
         sys.stdout.flush()
+        signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop: shut down cleanly, as on ^C
         try:
-            server.serve()  # returns on SIGINT/SIGTERM
+            server.serve()  # blocks; Python signal handlers still run
+        except KeyboardInterrupt:
+            pass
         finally:
             server.shutdown()
         st = server.state.snapshot()
@@ -132,6 +136,10 @@ def register(app: typer.Typer) -> None:
             f"navit serve: stopped; {st['rows_served']} rows, {st['bytes_served'] / 1e9:.2f} GB served "
             f"in {st['streams_completed']} complete streams ({st['streams_aborted']} ended early)"
         )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _epochs_line(desc: dict) -> str:
