@@ -76,9 +76,19 @@ def lp_bound(lengths: np.ndarray, seq_len: int, max_images: int | None = None) -
     if lengths.min() < 1 or lengths.max() > seq_len:
         raise ValueError(f"image lengths must be in [1, {seq_len}]")
     vals, counts = np.unique(lengths, return_counts=True)
+    vals, counts = vals[::-1], counts[::-1]
     cap = int(max_images) if max_images is not None else int(seq_len)  # seq_len items of >= 1 token
-    lp = solve_cutting_stock(vals[::-1], counts[::-1], int(seq_len), cap)
-    return lp.bound
+    seeds = _bfd_patterns(vals, counts, int(seq_len), cap)
+    return solve_cutting_stock(vals, counts, int(seq_len), cap, seed_patterns=seeds).bound
+
+
+def _bfd_patterns(vals: np.ndarray, counts: np.ndarray, L: int, M: int) -> np.ndarray:
+    """Distinct patterns (K, m) of a best-fit-decreasing packing of the histogram (vals descending):
+    a good, cheap starting pool for column generation."""
+    bins, q = bfd_groups(vals, counts, L, M, [], [], [])
+    per_bin = np.zeros((max(bins) + 1, len(vals)), dtype=np.int64)
+    np.add.at(per_bin, (np.repeat(np.array(bins), q), np.repeat(np.arange(len(vals)), counts)), 1)
+    return np.unique(per_bin, axis=0)
 
 
 def pack(
@@ -212,7 +222,8 @@ def _histogram(lengths: np.ndarray, L: int, M: int) -> tuple[np.ndarray, np.ndar
         act = np.flatnonzero(left > 0)
         if len(act) == 0:
             break
-        lp = solve_cutting_stock(vals[act], left[act], L, M)
+        seeds = _bfd_patterns(vals[act], left[act], L, M)
+        lp = solve_cutting_stock(vals[act], left[act], L, M, seed_patterns=seeds)
         copies = np.floor(lp.x + 1e-7).astype(np.int64)  # whole patterns only; the rest goes on
         if copies.sum() == 0:
             break

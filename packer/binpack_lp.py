@@ -51,27 +51,29 @@ def _knapsack(vals: np.ndarray, y: np.ndarray, seq_len: int, max_images: int) ->
     lv, yv = vals[pos], y[pos]
     L = int(seq_len)
     if max_images * int(lv.min()) >= L:
-        # Cardinality cannot bind: unbounded knapsack, f[c] = best value within capacity c.
-        f = np.zeros(L + 1)
-        choice = np.full(L + 1, -1, dtype=np.int64)  # item added last at c, -1 = carry f[c-1]
-        for c in range(1, L + 1):
-            fit = np.flatnonzero(lv <= c)
-            best = f[c - 1]
-            if len(fit):
-                cand = f[c - lv[fit]] + yv[fit]
-                j = int(np.argmax(cand))
-                if cand[j] > best + _EPS:
-                    best = cand[j]
-                    choice[c] = fit[j]
-            f[c] = best
+        # Cardinality cannot bind: unbounded knapsack as 0/1 knapsack over binary-split copies
+        # (1, 2, 4, ... of each item), each a vectorised shift-and-max over capacities.
+        f = np.zeros(L + 1)  # (L+1,) best value within capacity c
+        steps: list[tuple[int, int, np.ndarray]] = []  # (item, copies, took (L+1,) bool)
+        for j in range(len(lv)):
+            w, v = int(lv[j]), float(yv[j])
+            left = L // w  # copies that could ever fit
+            s = 1
+            while left > 0:
+                s = min(s, left)
+                sw = s * w
+                cand = f[: L + 1 - sw] + s * v  # a new array, so the update below is 0/1
+                took = np.zeros(L + 1, dtype=bool)
+                np.greater(cand, f[sw:] + _EPS, out=took[sw:])
+                np.maximum(f[sw:], cand, out=f[sw:])
+                steps.append((j, s, took))
+                left -= s
+                s *= 2
         c = L
-        while c > 0:
-            j = choice[c]
-            if j < 0:
-                c -= 1
-            else:
-                a[pos[j]] += 1
-                c -= int(lv[j])
+        for j, s, took in reversed(steps):
+            if took[c]:
+                a[pos[j]] += s
+                c -= s * int(lv[j])
         return float(f[L]), a
     # Cardinality binds: g[c, n] = best value within capacity c using at most n items.
     M = int(max_images)
@@ -105,18 +107,21 @@ def solve_cutting_stock(
     seq_len: int,
     max_images: int,
     *,
+    seed_patterns: np.ndarray | None = None,
     max_iter: int | None = None,
 ) -> CuttingStockLP:
     """Column generation for the cutting-stock LP. vals: (m,) distinct lengths in [1, seq_len];
-    demand: (m,) positive counts. ``max_iter`` caps simplex pivots (default ``20 * m + 200``); when it
-    is hit the primal solution is still feasible and ``bound`` still valid, only not tight."""
+    demand: (m,) positive counts. ``seed_patterns`` (K, m): feasible patterns to start the column pool
+    with (e.g. those of a best-fit packing) — pivots priced from the pool are far cheaper than a
+    knapsack. ``max_iter`` caps simplex pivots (default ``50 * m + 500``); when it is hit the primal
+    solution is still feasible and ``bound`` still valid, only not tight."""
     vals = np.asarray(vals, dtype=np.int64)
     d = np.asarray(demand, dtype=np.float64)
     m = len(vals)
     if m == 0:
         return CuttingStockLP(np.zeros((0, 0), np.int64), np.zeros(0), 0.0, 0.0, True, 0)
     if max_iter is None:
-        max_iter = 20 * m + 200
+        max_iter = 50 * m + 500
     # Initial basis: one homogeneous pattern per length (diagonal, so trivially invertible).
     per = np.minimum(seq_len // vals, max_images).astype(np.int64)  # (m,)
     cols: list[np.ndarray] = []  # pattern columns (m,) int64; surplus columns are index -1 - i
@@ -125,6 +130,15 @@ def solve_cutting_stock(
         a = np.zeros(m, dtype=np.int64)
         a[i] = per[i]
         cols.append(a)
+    # Column pool (K, m) float: every pattern seen, priced by one mat-vec before any knapsack.
+    pool = np.zeros((max(64, 2 * m), m))
+    pool[:m] = np.diag(per)
+    n_pool = m
+    if seed_patterns is not None and len(seed_patterns):
+        seeds = np.asarray(seed_patterns, dtype=np.int64).reshape(-1, m)
+        cols.extend(seeds)
+        pool = np.concatenate([pool[:n_pool], seeds.astype(np.float64), np.zeros((m, m))])
+        n_pool += len(seeds)
     B_inv = np.diag(1.0 / per)  # (m, m)
     cost = np.ones(m)  # (m,) objective coefficient of each basic column
     xb = B_inv @ d  # (m,)
@@ -138,22 +152,30 @@ def solve_cutting_stock(
             B_inv = np.linalg.inv(B)
             xb = B_inv @ d
         y = cost @ B_inv  # (m,) duals
-        yp = np.maximum(y, 0.0)
-        kval, a_new = _knapsack(vals, yp, seq_len, max_images)
-        if kval > _EPS:
-            bound = max(bound, float(yp @ d) / max(kval, 1.0))
         neg = int(np.argmin(y))
+        rc = 1.0 - pool[:n_pool] @ y  # (K,) reduced costs of pooled patterns
+        best = int(np.argmin(rc))
         if y[neg] < -_EPS:  # a surplus column prices out: let row `neg` be over-covered
             col = np.zeros(m)
             col[neg] = -1.0
             enter_id, enter_cost = -1 - neg, 0.0
-        elif kval > 1.0 + 1e-9:
+        elif rc[best] < -1e-9:
+            col = pool[best].copy()
+            enter_id, enter_cost = best, 1.0
+        else:
+            kval, a_new = _knapsack(vals, y, seq_len, max_images)
+            if kval > _EPS:
+                bound = max(bound, float(y @ d) / max(kval, 1.0))
+            if kval <= 1.0 + 1e-9:
+                optimal = True
+                break
             cols.append(a_new)
+            if n_pool == len(pool):
+                pool = np.concatenate([pool, np.zeros_like(pool)])
+            pool[n_pool] = a_new
+            n_pool += 1
             col = a_new.astype(np.float64)
             enter_id, enter_cost = len(cols) - 1, 1.0
-        else:
-            optimal = True
-            break
         u = B_inv @ col  # (m,) direction
         ok = u > _EPS
         if not ok.any():  # unbounded cannot happen (objective >= 0); stop defensively
