@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from packer import schema
 from packer.errors import DataError
@@ -110,6 +111,7 @@ class ShardSetSource:
             if problems:
                 raise DataError(f"{data_dir}: {len(problems)} bad shard(s), first: {problems[0]}")
         self._spans: dict[int, list[_ShardSpan]] = {}
+        self.num_classes = 0  # 1 + the largest label (0 when unlabeled)
         for entry in self.index["shards"]:
             epoch = int(entry.get("epoch", 0))
             spans = self._spans.setdefault(epoch, [])
@@ -120,6 +122,10 @@ class ShardSetSource:
                 got, want = pf.metadata.num_rows, entry["rows"]
                 raise DataError(f"{data_dir}/{entry['file']}: {got} rows, index.json says {want}")
             spans.append(_ShardSpan(entry["file"], first, int(entry["rows"])))
+            # Classes for trainers that size their head from the server (labels is a small column).
+            labels = pf.read(columns=["labels"]).column("labels").combine_chunks().flatten()
+            if len(labels):
+                self.num_classes = max(self.num_classes, int(pa.compute.max(labels).as_py()) + 1)
 
     def _open(self, file: str) -> Any:
         try:
@@ -167,6 +173,7 @@ class ShardSetSource:
             "seq_len": self.index["seq_len"],
             "patch_size": self.index["patch_size"],
             "channels": self.index.get("channels", schema.CHANNELS),
+            "num_classes": self.num_classes,
         }
 
 

@@ -226,11 +226,20 @@ def test_bad_tickets_and_unknown_epoch_are_one_line_errors(server):
         with pytest.raises(fl.FlightServerError, match=why):
             raw.do_get(fl.Ticket(ticket)).read_all()
     with pytest.raises(DataError, match="unknown epoch 7: this server has epochs 0..1") as e:
-        list(flight_batches(uri(server), epoch=7))
+        list(flight_batches(uri(server), epoch=7, wrap_epochs=False))
     assert "\n" not in str(e.value) and "Detail" not in str(e.value)
     with pytest.raises(DataError, match="start_row 12 is past the end of rank 0's 11 rows"):
         list(flight_batches(uri(server), epoch=0, rank=0, world_size=2, start_row=12))
     assert list(flight_batches(uri(server), epoch=0, rank=0, world_size=2, start_row=11)) == []
+
+
+def test_training_epochs_cycle_through_the_packs_epochs(pack, server):
+    # Like `navit train` on a pack directory: training epoch 3 of a 2-epoch pack reads pack epoch 1.
+    got = pa.Table.from_batches(list(flight_batches(uri(server), epoch=3)))
+    assert got.equals(epoch_table(pack, 1))
+    with FlightDataClient(uri(server)) as c:
+        info = c.info()
+    assert info["epochs"] == [0, 1] and info["num_classes"] == 3 and info["seq_len"] == 16
 
 
 def test_port_in_use_is_a_clear_error(pack, server):

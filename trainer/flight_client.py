@@ -131,6 +131,14 @@ class FlightDataClient:
         """Mode ("shards"/"live"), epochs (None = any), seq_len, patch_size, channels."""
         return self._action("info")
 
+    def served_epoch(self, epoch: int) -> int:
+        """The server epoch that training epoch ``epoch`` reads: itself on a live server, else the
+        server's epochs cycled (``epochs[epoch % len(epochs)]``)."""
+        epochs = self.info().get("epochs")
+        if not epochs or epoch < 0:
+            return epoch
+        return int(epochs[epoch % len(epochs)])
+
     def epoch_rows(self, epoch: int, world_size: int = 1) -> dict[str, Any]:
         """``{"rows": N, "rank_rows": [n_0, ...]}`` for ``epoch`` split over ``world_size`` ranks."""
         return self._action("epoch", {"epoch": epoch, "world_size": world_size})
@@ -197,14 +205,20 @@ def flight_batches(
     *,
     tls_root_cert: bytes | None = None,
     retries: int = 3,
+    wrap_epochs: bool = True,
 ) -> Iterator[pa.RecordBatch]:
     """Rows ``start_row…`` of this rank's partition of ``epoch`` from a `navit serve` at ``uri``.
 
     The partition is contiguous and balanced: of an epoch's N rows, rank k gets rows
     ``[k·N // W, (k+1)·N // W)``. Record the rows consumed and pass them back as ``start_row``
-    to resume exactly."""
+    to resume exactly.
+
+    ``wrap_epochs``: a shard-set server holds a fixed list of pack epochs; training epoch ``e``
+    then reads pack epoch ``epochs[e % len(epochs)]`` (as `navit train` does with a pack directory).
+    A live server makes every epoch. With ``wrap_epochs=False`` an epoch the server lacks is an error."""
     client = FlightDataClient(uri, token=token, tls_root_cert=tls_root_cert)
     try:
-        yield from client.batches(epoch, rank, world_size, start_row, retries=retries)
+        served = client.served_epoch(epoch) if wrap_epochs else epoch
+        yield from client.batches(served, rank, world_size, start_row, retries=retries)
     finally:
         client.close()
