@@ -1,0 +1,136 @@
+"""Configuration of a training run: :class:`TrainConfig` (model preset + overrides, optimiser,
+schedule, data, checkpointing, runtime).
+
+Loaded from a YAML file (its top level, or its ``train`` section) plus dotted overrides
+(``optim.lr=1e-3``), validated by pydantic with one-line errors. A run records
+``TrainConfig.model_dump()`` in every checkpoint so that ``--resume`` can refuse an incompatible one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from packer.config import build_config, read_yaml
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """Which NaViT to build: a preset plus any NaViTConfig field overridden."""
+
+    preset: Literal["tiny", "small", "base", "large"] = Field("tiny", description="ViT-Ti/S/B/L widths")
+    num_classes: int | None = Field(
+        None, ge=1, description="classifier width (default: 1 + the largest label in the data)"
+    )
+    attention: str = Field("auto", description="attention backend: auto | dense | segment | flex | varlen")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="any NaViTConfig field, e.g. {depth: 2, dim: 64}"
+    )
+
+
+class OptimSection(_Section):
+    """AdamW with decoupled weight decay, gradient clipping and label smoothing."""
+
+    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
+    weight_decay: float = Field(0.05, ge=0, le=10, description="AdamW weight decay")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0 = no clipping)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+
+
+class ScheduleSection(_Section):
+    """Linear warmup then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+
+    steps: int = Field(1000, ge=1, description="optimizer steps in the run")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup length")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of the peak")
+
+
+class DataSection(_Section):
+    """Where batches come from and how they are cut."""
+
+    batch_size: int = Field(8, ge=1, description="packed rows per micro-batch per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes (0 = in-process)")
+    shuffle_buffer: int = Field(256, ge=1, description="rows in the bounded shuffle buffer")
+    prefetch: int = Field(2, ge=1, description="batches prefetched per worker")
+    verify: bool = Field(True, description="check every shard's sha256 before training")
+
+
+class CheckpointSection(_Section):
+    every: int = Field(500, ge=0, description="save every N steps (0 = only at the end)")
+    keep: int = Field(3, ge=1, description="keep the last K checkpoints")
+
+
+class TrainConfig(_Section):
+    """Everything that determines a training run. Data location, output dir and --resume are runtime
+    arguments, not config: they must not make two runs incompatible."""
+
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of init, shuffling and dropout")
+    model: ModelSection = ModelSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    data: DataSection = DataSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    compile: bool = Field(False, description="torch.compile the model")
+    log_every: int = Field(10, ge=1, description="steps between metric lines")
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainConfig:
+        if self.schedule.warmup_steps > self.schedule.steps:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be <= steps "
+                f"({self.schedule.steps})"
+            )
+        return self
+
+
+# Fields that may differ between a run and its --resume: they change neither the model, the
+# optimisation trajectory nor the data order (runtime knobs and the run length).
+RESUME_MUTABLE = {
+    "schedule.steps",
+    "data.workers",
+    "data.prefetch",
+    "data.verify",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "device",
+    "compile",
+    "log_every",
+    "model.attention",
+}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "overrides":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def incompatible_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted names of fields that differ between two dumped configs and matter for a resume."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if k not in RESUME_MUTABLE and a.get(k) != b.get(k))
+
+
+def load_train_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from a YAML file (top level, or its ``train`` section) + dotted overrides.
+
+    Raises ConfigError (one line) on any invalid value."""
+    section = None
+    if file is not None and "train" in read_yaml(file):
+        section = "train"
+    return build_config(TrainConfig, file, overrides, section=section)

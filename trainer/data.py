@@ -1,0 +1,685 @@
+"""Batches for the trainer: packed rows → dicts of uint8/int tensors in the model's batch format.
+
+Owns the batch format, the data order and the data position:
+
+- **Batch** (one micro-batch of ``B`` packed rows of ``L`` tokens; see :func:`collate_rows`)::
+
+      patches     uint8 (B, L, p*p*3)   token-major pixels (the model normalises on the device)
+      segment_ids int32 (B, L)          0 = padding, 1..k = k-th image of the row
+      pos_hw      int32 (B, L, 2)       token's patch (row, col) in its image's grid
+      grid_hw     int32 (B, L, 2)       its image's grid (grid_h, grid_w); 0 on padding
+      labels      int64 (N,)            one per image, in the model's output order (row-major, then
+                                        segment id); -1 = unlabeled (ignored by the loss)
+
+- **Order** (shard sets): a pure function of ``(seed, epoch, rank, world_size)``. Each epoch reads
+  the shards of pack epoch ``epoch % E`` in a seeded permutation, splits their row groups into
+  ``world_size`` contiguous, row-balanced ranges (one per DDP rank), and passes each rank's rows
+  through a seeded bounded shuffle buffer. A rank's epochs follow one another as one endless row
+  stream, cut into batches of ``batch_size`` consecutive rows (a batch may straddle two epochs).
+- **Workers**: batch ``k`` of a rank's stream is built by DataLoader worker ``k % W``; the DataLoader
+  returns worker outputs round-robin, so the batches are the same whatever ``W`` is.
+- **Position** (:class:`DataPosition`): ``(epoch, rows consumed in it)`` of a rank's stream after a
+  batch; a checkpoint stores it and a resumed stream starts there, exactly.
+
+New batch sources (a Flight server, the live packing pipeline) plug in through :func:`open_source`:
+anything that can produce a rank's record batches of an epoch from a start row becomes a
+:class:`RecordBatchSource` with the same batch format and position semantics.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from packer import schema
+from packer.errors import ConfigError, DataError
+
+# ----------------------------------------------------------------------------------------------------
+# Position and batches
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a rank's endless row stream stands: ``rows`` rows of ``epoch`` consumed."""
+
+    epoch: int = 0
+    rows: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataPosition:
+        return cls(int(d["epoch"]), int(d["rows"]))
+
+
+@dataclass
+class HostBatch:
+    """A collated micro-batch on the host, plus the stream position after it and its counts."""
+
+    tensors: dict[str, torch.Tensor]
+    position: DataPosition
+    images: int
+    real_tokens: int
+    tokens: int
+
+    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Copy to ``device``; non-blocking (overlaps compute) when the host memory is pinned."""
+        return {k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}
+
+
+@dataclass
+class Rows:
+    """Packed rows as numpy: patches (R, L, D) uint8, segment_ids/pos_h/pos_w (R, L) int, and per
+    row the per-segment ``labels``, ``grid_h``, ``grid_w`` (1-D int arrays of length k_r)."""
+
+    patches: np.ndarray
+    segment_ids: np.ndarray
+    pos_h: np.ndarray
+    pos_w: np.ndarray
+    labels: list[np.ndarray]
+    grid_h: list[np.ndarray]
+    grid_w: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return self.patches.shape[0]
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table | pa.RecordBatch) -> Rows:
+        a = schema.table_to_arrays(table)
+        return cls(
+            a["patches"], a["segment_ids"], a["pos_h"], a["pos_w"], a["labels"], a["grid_h"], a["grid_w"]
+        )
+
+    def take(self, i: int) -> Rows:
+        """Row ``i`` as its own 1-row Rows (a copy: the source buffers can be released)."""
+        return Rows(
+            self.patches[i : i + 1].copy(),
+            self.segment_ids[i : i + 1].copy(),
+            self.pos_h[i : i + 1].copy(),
+            self.pos_w[i : i + 1].copy(),
+            [self.labels[i]],
+            [self.grid_h[i]],
+            [self.grid_w[i]],
+        )
+
+    @staticmethod
+    def concat(parts: list[Rows]) -> Rows:
+        return Rows(
+            np.concatenate([p.patches for p in parts]),
+            np.concatenate([p.segment_ids for p in parts]),
+            np.concatenate([p.pos_h for p in parts]),
+            np.concatenate([p.pos_w for p in parts]),
+            [x for p in parts for x in p.labels],
+            [x for p in parts for x in p.grid_h],
+            [x for p in parts for x in p.grid_w],
+        )
+
+
+def collate_rows(rows: Rows, position: DataPosition = DataPosition()) -> HostBatch:
+    """Rows → the model's batch dict (see the module docstring) as CPU tensors."""
+    seg = rows.segment_ids.astype(np.int32)  # (B, L)
+    b, length = seg.shape
+    pos_hw = np.stack([rows.pos_h, rows.pos_w], axis=-1).astype(np.int32)  # (B, L, 2)
+    grid_hw = np.zeros((b, length, 2), dtype=np.int32)
+    for r in range(b):
+        # Per-segment grids with a 0 in front, indexed by segment id: padding (id 0) gets 0.
+        gh = np.concatenate([[0], rows.grid_h[r]]).astype(np.int32)
+        gw = np.concatenate([[0], rows.grid_w[r]]).astype(np.int32)
+        grid_hw[r, :, 0] = gh[seg[r]]
+        grid_hw[r, :, 1] = gw[seg[r]]
+    labels = np.concatenate([np.asarray(x, dtype=np.int64) for x in rows.labels]) if b else np.zeros(0)
+    real = int(np.count_nonzero(seg))
+    tensors = {
+        "patches": torch.from_numpy(np.ascontiguousarray(rows.patches)),
+        "segment_ids": torch.from_numpy(seg),
+        "pos_hw": torch.from_numpy(pos_hw),
+        "grid_hw": torch.from_numpy(grid_hw),
+        "labels": torch.from_numpy(labels.astype(np.int64)),
+    }
+    return HostBatch(tensors, position, images=len(labels), real_tokens=real, tokens=b * length)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shard sets: validation and the deterministic per-rank row order
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardSet:
+    """A validated pack directory: its index, and each shard's row groups (from Parquet footers)."""
+
+    root: str
+    index: dict[str, Any]
+    files: list[str]
+    shard_epoch: np.ndarray  # (S,) pack epoch of each shard
+    group_rows: list[np.ndarray]  # per shard: rows of each row group
+    num_classes: int  # 1 + largest label seen (0 if unlabeled)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.index["seq_len"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.index["patch_size"])
+
+    @property
+    def pack_epochs(self) -> int:
+        return int(self.shard_epoch.max()) + 1
+
+    def shard_rows(self, s: int) -> int:
+        return int(self.group_rows[s].sum())
+
+
+def open_shard_set(data_dir: str, verify: bool = True) -> ShardSet:
+    """Validate a pack directory before training: index, schema version, shard files and checksums.
+
+    Raises DataError with one line naming the first problem (and how many there are)."""
+    index = schema.read_index(data_dir)
+    shards = index["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"{data_dir}/{schema.INDEX_FILE}: the shard list is empty (nothing to train on)")
+    for entry in shards:
+        if not isinstance(entry, dict) or not {"file", "rows", "sha256"} <= set(entry):
+            raise DataError(
+                f"{data_dir}/{schema.INDEX_FILE}: a shard entry lacks file/rows/sha256: {entry!r}"
+            )
+    if verify:
+        problems = schema.verify_shards(data_dir, index)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise DataError(f"{data_dir}: {problems[0]}{more}")
+    files, epochs, groups = [], [], []
+    max_label = -1
+    for entry in shards:
+        try:
+            pf = schema.open_shard(data_dir, entry["file"])
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"{data_dir}/{entry['file']}: cannot open ({e})") from None
+        sch = pf.schema_arrow
+        meta = sch.metadata or {}
+        if meta.get(b"version") != str(schema.FORMAT_VERSION).encode():
+            raise DataError(
+                f"{data_dir}/{entry['file']}: shard format version {meta.get(b'version', b'?').decode()} "
+                f"is not supported (this navit reads version {schema.FORMAT_VERSION})"
+            )
+        try:
+            schema.check_schema(sch, index)
+        except DataError as e:
+            raise DataError(f"{data_dir}/{entry['file']}: {e}") from None
+        rows = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], np.int64)
+        if int(rows.sum()) != int(entry["rows"]):
+            raise DataError(
+                f"{data_dir}/{entry['file']}: {int(rows.sum())} rows but index.json says {entry['rows']}"
+            )
+        labels = pf.read(columns=["labels"]).column("labels").combine_chunks().flatten()
+        if len(labels):
+            max_label = max(max_label, int(pa.compute.max(labels).as_py()))
+        files.append(entry["file"])
+        epochs.append(int(entry.get("epoch", 0)))
+        groups.append(rows)
+    return ShardSet(data_dir, index, files, np.array(epochs, np.int64), groups, max_label + 1)
+
+
+def _rng(*key: int) -> np.random.Generator:
+    # A tuple seed: independent, reproducible streams per (seed, epoch, rank, purpose).
+    return np.random.default_rng([int(k) for k in key])
+
+
+def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """Output order of a bounded shuffle buffer fed ``0..n-1``: (n,) int64 permutation.
+
+    Fill ``buffer`` slots; then each new input replaces a uniformly drawn slot, whose item is
+    emitted; at the end the remaining slots are emitted in a random order. Item ``i`` is never
+    emitted before output position ``i - buffer``, so a reader holds at most ~``buffer`` rows."""
+    buffer = max(1, min(buffer, n))
+    out = np.empty(n, np.int64)
+    slots = np.arange(buffer, dtype=np.int64)
+    picks = rng.integers(0, buffer, size=max(0, n - buffer))
+    for t, j in enumerate(picks):
+        out[t] = slots[j]
+        slots[j] = buffer + t
+    out[n - buffer :] = rng.permutation(slots) if n else slots[:0]
+    return out
+
+
+def rank_epoch_rows(
+    shards: ShardSet, epoch: int, seed: int, rank: int, world_size: int, buffer: int
+) -> np.ndarray:
+    """This rank's rows of training epoch ``epoch`` in order: (N, 2) int64 of (shard, row).
+
+    Pure function of its arguments (and the pack's layout)."""
+    pack_epoch = epoch % shards.pack_epochs
+    ids = np.flatnonzero(shards.shard_epoch == pack_epoch)
+    ids = ids[_rng(seed, epoch, 0).permutation(len(ids))]
+    # Row groups in the permuted shard order; split into world_size contiguous row-balanced ranges.
+    blocks = [(int(s), g, int(n)) for s in ids for g, n in enumerate(shards.group_rows[s])]
+    if len(blocks) < world_size:
+        raise DataError(
+            f"pack epoch {pack_epoch} has {len(blocks)} row groups, fewer than the {world_size} ranks"
+        )
+    sizes = np.array([n for _, _, n in blocks], np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    total = int(sizes.sum())
+    # Cut r starts at the first block beginning at or after r/W of the rows, kept strictly increasing
+    # so that every rank gets at least one block: disjoint, complete, balanced to a row group.
+    cuts = [0]
+    for r in range(1, world_size):
+        c = int(np.searchsorted(starts, r * total / world_size, side="left"))
+        cuts.append(min(max(c, cuts[-1] + 1), len(blocks) - (world_size - r)))
+    cuts.append(len(blocks))
+    mine = blocks[cuts[rank] : cuts[rank + 1]]
+    parts = []
+    for s, g, n in mine:
+        first = int(shards.group_rows[s][:g].sum())
+        parts.append(np.stack([np.full(n, s, np.int64), np.arange(first, first + n, dtype=np.int64)], 1))
+    rows = np.concatenate(parts)
+    order = shuffle_buffer_order(len(rows), buffer, _rng(seed, epoch, 1, rank, world_size))
+    return rows[order]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading rows of a shard set in a given order (each worker reads only the rows of its batches)
+# ----------------------------------------------------------------------------------------------------
+
+
+class _RowReader:
+    """Fetches rows by (shard, row), loading each row group at most once per pass.
+
+    ``expect(rows)`` announces the rows that will be requested; when a row group is loaded, the
+    announced rows in it are copied out and the group is released, so memory stays about one shuffle
+    buffer plus one row group."""
+
+    def __init__(self, shards: ShardSet) -> None:
+        self.shards = shards
+        self.offsets = [np.concatenate([[0], np.cumsum(g)]) for g in shards.group_rows]
+        self.pending: dict[tuple[int, int], Rows] = {}
+        self.wanted: dict[tuple[int, int], list[int]] = {}
+        self.files: dict[int, Any] = {}
+        self.bytes_read = 0
+
+    def expect(self, rows: np.ndarray) -> None:
+        for s, r in rows.tolist():
+            g = int(np.searchsorted(self.offsets[s], r, side="right")) - 1
+            self.wanted.setdefault((s, g), []).append(r)
+
+    def _file(self, s: int) -> Any:
+        pf = self.files.get(s)
+        if pf is None:
+            if len(self.files) >= 8:  # keep a few footers open; files are memory-mapped
+                self.files.pop(next(iter(self.files)))
+            pf = self.files[s] = schema.open_shard(self.shards.root, self.shards.files[s])
+        return pf
+
+    def get(self, s: int, r: int) -> Rows:
+        row = self.pending.pop((s, r), None)
+        if row is not None:
+            return row
+        g = int(np.searchsorted(self.offsets[s], r, side="right")) - 1
+        table = self._file(s).read_row_group(g)
+        self.bytes_read += table.nbytes
+        arrays = Rows.from_arrow(table)
+        base = int(self.offsets[s][g])
+        for rr in self.wanted.pop((s, g), [r]):
+            self.pending[(s, rr)] = arrays.take(rr - base)
+        return self.pending.pop((s, r))
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """A rank's endless stream of batches from a shard set, from ``start`` on.
+
+    Under a DataLoader with W workers, worker w builds batches w, w+W, ... (numbered from
+    ``start``); the DataLoader interleaves them back in order."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 256,
+        start: DataPosition = DataPosition(),
+        max_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.shards, self.batch_size, self.seed = shards, batch_size, seed
+        self.rank, self.world_size, self.buffer = rank, world_size, shuffle_buffer
+        self.start, self.max_batches = start, max_batches
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        return rank_epoch_rows(self.shards, epoch, self.seed, self.rank, self.world_size, self.buffer)
+
+    def batch_plan(self) -> Iterator[tuple[np.ndarray, DataPosition]]:
+        """Endless (row ids (B, 2), position after) per batch; metadata only, no pixel reads."""
+        epoch, skip = self.start.epoch, self.start.rows
+        carry: list[np.ndarray] = []
+        have = 0
+        while True:
+            order = self.epoch_rows(epoch)
+            if skip > len(order):
+                raise DataError(
+                    f"data position {skip} rows is past the end of epoch {epoch} ({len(order)} rows)"
+                )
+            i = skip
+            while i < len(order):
+                take = min(self.batch_size - have, len(order) - i)
+                carry.append(order[i : i + take])
+                have += take
+                i += take
+                if have == self.batch_size:
+                    pos = DataPosition(epoch, i) if i < len(order) else DataPosition(epoch + 1, 0)
+                    yield np.concatenate(carry), pos
+                    carry, have = [], 0
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[HostBatch]:
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = _RowReader(self.shards)
+        plan = self.batch_plan()
+        # Look ahead by one shuffle buffer so that a row group loaded now also serves later batches.
+        lookahead = max(1, -(-self.buffer // self.batch_size)) * nw + nw
+        queue: list[tuple[int, np.ndarray, DataPosition]] = []
+        k = 0
+        while self.max_batches is None or k < self.max_batches:
+            while len(queue) < lookahead:
+                j = k + len(queue)
+                ids, pos = next(plan)
+                if j % nw == w:
+                    reader.expect(ids)
+                queue.append((j, ids, pos))
+            j, ids, pos = queue.pop(0)
+            k += 1
+            if j % nw != w:
+                continue
+            rows = Rows.concat([reader.get(int(s), int(r)) for s, r in ids])
+            yield collate_rows(rows, pos)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources: the plug-in point for anything that yields batches + position
+# ----------------------------------------------------------------------------------------------------
+
+
+class BatchSource(Protocol):
+    """What the training loop consumes: a rank's endless batches from a start position."""
+
+    seq_len: int
+    patch_size: int
+    num_classes: int  # 0 when unknown
+    description: str
+
+    def batches(self, start: DataPosition) -> Iterator[HostBatch]: ...
+
+
+def _host_collate(x: HostBatch) -> HostBatch:
+    return x
+
+
+def _pin(batch: HostBatch) -> HostBatch:
+    batch.tensors = {k: v.pin_memory() for k, v in batch.tensors.items()}
+    return batch
+
+
+@dataclass
+class ShardSource:
+    """Batches from a shard set on local disk or an object store (pyarrow, no Ray)."""
+
+    shards: ShardSet
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    workers: int = 0
+    shuffle_buffer: int = 256
+    prefetch: int = 2
+    pin_memory: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.seq_len, self.patch_size = self.shards.seq_len, self.shards.patch_size
+        self.num_classes = self.shards.num_classes
+        self.description = self.description or f"shards {self.shards.root}"
+
+    def stream(self, start: DataPosition = DataPosition()) -> ShardStream:
+        return ShardStream(
+            self.shards, self.batch_size, self.seed, self.rank, self.world_size, self.shuffle_buffer, start
+        )
+
+    def batches(self, start: DataPosition = DataPosition()) -> Iterator[HostBatch]:
+        stream = self.stream(start)
+        if self.workers == 0:
+            for b in stream:
+                yield _pin(b) if self.pin_memory else b
+            return
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.workers,
+            collate_fn=_host_collate,
+            prefetch_factor=self.prefetch,
+            persistent_workers=False,
+            in_order=True,
+        )
+        for b in loader:
+            yield _pin(b) if self.pin_memory else b
+
+
+@dataclass
+class RecordBatchSource:
+    """Batches from any producer of a rank's record batches (shard schema) of an epoch from a row.
+
+    ``epoch_batches(epoch, start_row)`` must yield the rows of ``epoch`` from ``start_row`` on, the
+    same rows every time it is called with the same arguments (that is what makes resume exact), and
+    stop at the end of the epoch. Used by live mode and the Flight client; record batches are
+    consumed in a background thread so producing overlaps training."""
+
+    epoch_batches: Callable[[int, int], Iterator[pa.RecordBatch]]
+    batch_size: int
+    seq_len: int
+    patch_size: int
+    num_classes: int = 0
+    description: str = "record batches"
+    prefetch: int = 4
+    pin_memory: bool = False
+    max_epochs: int | None = None
+    _threads: list[threading.Thread] = field(default_factory=list, repr=False)
+
+    def _rows(self, start: DataPosition) -> Iterator[tuple[Rows, DataPosition]]:
+        epoch, row = start.epoch, start.rows
+        while self.max_epochs is None or epoch < self.max_epochs:
+            seen = 0
+            for rb in self.epoch_batches(epoch, row):
+                rows = Rows.from_arrow(rb)
+                for i in range(len(rows)):
+                    row += 1
+                    seen += 1
+                    yield rows.take(i), DataPosition(epoch, row)
+            if seen == 0 and row == 0:
+                raise DataError(f"{self.description}: epoch {epoch} has no rows")
+            epoch, row = epoch + 1, 0
+
+    def _batches(self, start: DataPosition) -> Iterator[HostBatch]:
+        buf: list[Rows] = []
+        for rows, pos in self._rows(start):
+            buf.append(rows)
+            if len(buf) == self.batch_size:
+                # The position after a batch that ends an epoch is the start of the next one.
+                yield collate_rows(Rows.concat(buf), pos)
+                buf = []
+
+    def batches(self, start: DataPosition = DataPosition()) -> Iterator[HostBatch]:
+        import queue
+
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for b in self._batches(start):
+                    if self.pin_memory:
+                        b = _pin(b)
+                    while not stop.is_set():
+                        try:
+                            q.put(b, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(done)
+            except BaseException as e:  # surfaced in the consumer thread
+                q.put(e)
+
+        t = threading.Thread(target=produce, name="navit-batches", daemon=True)
+        t.start()
+        self._threads.append(t)
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+
+def open_source(
+    data: str,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    shuffle_buffer: int = 256,
+    prefetch: int = 2,
+    pin_memory: bool = False,
+    verify: bool = True,
+    token: str | None = None,
+) -> BatchSource:
+    """``--data`` value → a BatchSource. The one place to add a new kind of source.
+
+    A directory or s3:// / gs:// URI → :class:`ShardSource`; ``flight://HOST:PORT`` → a
+    :class:`RecordBatchSource` over :func:`trainer.flight_client.flight_batches`."""
+    scheme = data.partition("://")[0] if "://" in data else ""
+    if scheme.startswith(("flight", "grpc")):
+        return _flight_source(data, batch_size, rank, world_size, prefetch, pin_memory, token)
+    if scheme not in ("", "file", "s3", "gs", "gcs", "hdfs"):
+        raise ConfigError(
+            f"--data {data!r}: unknown scheme {scheme!r} (a directory, s3://, gs:// or flight://)"
+        )
+    shards = open_shard_set(data, verify=verify)
+    return ShardSource(
+        shards, batch_size, seed, rank, world_size, workers, shuffle_buffer, prefetch, pin_memory
+    )
+
+
+def _flight_source(
+    uri: str, batch_size: int, rank: int, world_size: int, prefetch: int, pin: bool, token: str | None
+) -> RecordBatchSource:
+    from trainer.flight_client import FlightDataClient, flight_batches
+
+    with FlightDataClient(uri, token=token) as client:
+        info = client.info()
+
+    def epoch_batches(epoch: int, start_row: int) -> Iterator[pa.RecordBatch]:
+        return flight_batches(uri, epoch, rank, world_size, start_row, token)
+
+    return RecordBatchSource(
+        epoch_batches,
+        batch_size,
+        int(info["seq_len"]),
+        int(info["patch_size"]),
+        int(info.get("num_classes") or 0),
+        description=f"flight {uri}",
+        prefetch=prefetch,
+        pin_memory=pin,
+    )
+
+
+def live_source(
+    images: str,
+    pack_config: Any,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    prefetch: int = 4,
+    pin_memory: bool = False,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+) -> RecordBatchSource:
+    """Live mode: the packing pipeline runs on Ray (this process is the driver; Ray workers decode and
+    pack) and its rows stream straight into the trainer. Ray is imported here, not at import time."""
+    from packer import pipeline
+    from packer.ray_runtime import ensure_ray
+
+    ensure_ray(ray_address, num_cpus)
+    info = pipeline.live_info(images, pack_config) if hasattr(pipeline, "live_info") else {}
+
+    def epoch_batches(epoch: int, start_row: int) -> Iterator[pa.RecordBatch]:
+        skip = start_row
+        for rb in pipeline.stream_epoch(images, pack_config, epoch=epoch, rank=rank, world_size=world_size):
+            if skip >= rb.num_rows:
+                skip -= rb.num_rows
+                continue
+            yield rb.slice(skip) if skip else rb
+            skip = 0
+
+    return RecordBatchSource(
+        epoch_batches,
+        batch_size,
+        pack_config.packing.seq_len,
+        pack_config.packing.patch_size,
+        int(info.get("num_classes", 0)),
+        description=f"live {images}",
+        prefetch=prefetch,
+        pin_memory=pin_memory,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# A small client API for users who bring their own training loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def iter_batches(
+    data_dir: str,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    start: DataPosition = DataPosition(),
+    device: str | torch.device | None = None,
+) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
+    """Endless ``(batch dict, position after it)`` from a pack directory, on ``device`` if given.
+
+    ``for batch, pos in iter_batches("packed/", 8): out = net(batch); ...`` — save ``pos.to_dict()``
+    with your checkpoint and pass ``start=DataPosition.from_dict(...)`` to continue exactly."""
+    dev = torch.device(device) if device is not None else None
+    src = open_source(
+        data_dir,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        pin_memory=dev is not None and dev.type == "cuda",
+    )
+    for hb in src.batches(start):
+        yield (hb.to(dev) if dev is not None else hb.tensors), hb.position

@@ -1,0 +1,329 @@
+"""`navit eval`: top-1 / top-5 accuracy of a trained classifier at several resolutions.
+
+NaViT's point is one model for any resolution at inference, so the same checkpoint is evaluated on a
+labeled image folder resized so that the longer side is each requested resolution (aspect ratio
+kept, rounded to whole patches, capped at the training ``seq_len`` tokens per image), or at the
+images' native size (``native``, capped the same way). Images are decoded in-process with the
+packer's decoder (Pillow-SIMD, EXIF orientation, any mode → RGB) and packed next-fit into rows of the
+training ``seq_len``; no Ray. A shard set is evaluated as packed (its resolution is the pack's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from packer import schema
+from packer.errors import NavitError
+from trainer.data import Rows, collate_rows
+
+# ----------------------------------------------------------------------------------------------------
+# numpy images → packed rows
+# ----------------------------------------------------------------------------------------------------
+
+
+def patchify(img: np.ndarray, patch: int) -> np.ndarray:
+    """(gh·p, gw·p, 3) uint8 → (gh·gw, p·p·3): row-major grid, each patch in (row, col, channel)."""
+    h, w, c = img.shape
+    gh, gw = h // patch, w // patch
+    return img.reshape(gh, patch, gw, patch, c).transpose(0, 2, 1, 3, 4).reshape(gh * gw, patch * patch * c)
+
+
+def pack_rows(
+    images: list[np.ndarray],
+    labels: list[int],
+    patch: int,
+    seq_len: int,
+    max_images: int | None = None,
+) -> schema.PackedRows:
+    """Next-fit pack whole images (sides multiples of ``patch``, ≤ seq_len tokens each), in order,
+    into rows of ``seq_len`` tokens; no token dropping. Returns shard-ready numpy rows."""
+    d = patch * patch * 3
+    groups: list[list[int]] = []
+    used = seq_len + 1
+    for i, img in enumerate(images):
+        h, w = img.shape[:2]
+        if h % patch or w % patch:
+            raise ValueError(f"image {i}: {h}x{w} is not a multiple of the patch size {patch}")
+        n = (h // patch) * (w // patch)
+        if n > seq_len:
+            raise ValueError(f"image {i}: {n} tokens > seq_len {seq_len}")
+        if used + n > seq_len or (max_images is not None and len(groups[-1]) >= max_images):
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    r = len(groups)
+    patches = np.zeros((r, seq_len, d), np.uint8)
+    seg = np.zeros((r, seq_len), np.int16)
+    ph = np.zeros((r, seq_len), np.int16)
+    pw = np.zeros((r, seq_len), np.int16)
+    ids, labs, ghs, gws, full = [], [], [], [], []
+    for row, members in enumerate(groups):
+        at = 0
+        gh_list, gw_list = [], []
+        for k, i in enumerate(members, start=1):
+            img = images[i]
+            gh, gw = img.shape[0] // patch, img.shape[1] // patch
+            n = gh * gw
+            patches[row, at : at + n] = patchify(img, patch)
+            seg[row, at : at + n] = k
+            ph[row, at : at + n] = np.repeat(np.arange(gh), gw)
+            pw[row, at : at + n] = np.tile(np.arange(gw), gh)
+            at += n
+            gh_list.append(gh)
+            gw_list.append(gw)
+        ids.append(np.asarray(members, np.int64))
+        labs.append(np.asarray([labels[i] for i in members], np.int64))
+        ghs.append(np.asarray(gh_list, np.int32))
+        gws.append(np.asarray(gw_list, np.int32))
+        full.append(np.asarray([a * b for a, b in zip(gh_list, gw_list, strict=True)], np.int32))
+    return schema.PackedRows(patches, seg, ph, pw, ids, labs, ghs, gws, full)
+
+
+def packed_to_rows(p: schema.PackedRows) -> Rows:
+    return Rows(p.patches, p.segment_ids, p.pos_h, p.pos_w, p.labels, p.grid_h, p.grid_w)
+
+
+def target_grid(h: int, w: int, resolution: int | None, patch: int, max_tokens: int) -> tuple[int, int]:
+    """Patch grid for an h×w image: longer side = ``resolution`` px (None = native), aspect kept,
+    at least one patch per side, at most ``max_tokens`` patches."""
+    scale = 1.0 if resolution is None else resolution / max(h, w)
+    gh = max(1, round(h * scale / patch))
+    gw = max(1, round(w * scale / patch))
+    if gh * gw > max_tokens:
+        # Shrink both sides by the same factor until the grid fits.
+        f = math.sqrt(max_tokens / (gh * gw))
+        gh, gw = max(1, int(gh * f)), max(1, int(gw * f))
+        while gh * gw > max_tokens:
+            if gh >= gw:
+                gh -= 1
+            else:
+                gw -= 1
+    return gh, gw
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources of labeled images
+# ----------------------------------------------------------------------------------------------------
+
+
+def list_image_folder(root: str | Path, class_names: list[str] | None = None) -> tuple[list[Path], list[int]]:
+    """ImageFolder layout: label = index of the first-level folder in ``class_names`` (default: the
+    sorted folder names, as `navit pack` assigns them). NavitError if empty or a folder is unknown."""
+    from packer.config import IMAGE_EXTENSIONS
+
+    base = Path(root)
+    if not base.is_dir():
+        raise NavitError(f"{root}: not a directory")
+    folders = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = list(class_names) if class_names else folders
+    unknown = [f for f in folders if f not in names]
+    if unknown:
+        raise NavitError(f"{root}: folders {unknown[:3]} are not classes of this checkpoint {names[:6]}")
+    paths, labels = [], []
+    for f in folders:
+        for p in sorted((base / f).rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+                paths.append(p)
+                labels.append(names.index(f))
+    if not paths:
+        raise NavitError(f"{root}: no images in class folders (expected ROOT/<class>/<image>)")
+    return paths, labels
+
+
+def _decode(path: Path) -> np.ndarray | None:
+    """Upright RGB (H, W, 3) uint8 with the packer's decoder; None for an undecodable file."""
+    from packer import decode
+    from packer.config import DecodeConfig
+
+    try:
+        img, _ = decode.decode_rgb(decode.read_bytes(str(path)), None, DecodeConfig())
+    except decode.DecodeError:
+        return None
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _resize(img: np.ndarray, gh: int, gw: int, patch: int) -> np.ndarray:
+    from PIL import Image
+
+    from packer import decode
+
+    return decode.resize_exact(Image.fromarray(img), gw * patch, gh * patch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    resolution: str  # "64", "native", or "pack"
+    images: int
+    top1: float
+    top5: float
+    tokens_per_image: float
+    skipped: int = 0  # undecodable files (listed by path in `skipped_paths`)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.n = self.top1 = self.top5 = self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, net: torch.nn.Module, rows: Rows, device: torch.device) -> None:
+        hb = collate_rows(rows)
+        batch = hb.to(device)
+        labels = batch.pop("labels")
+        logits = net(batch).logits.float()  # (N, C)
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices  # (N, k)
+        ok = labels >= 0
+        self.top1 += int(((top[:, 0] == labels) & ok).sum())
+        self.top5 += int(((top == labels[:, None]).any(-1) & ok).sum())
+        self.n += int(ok.sum())
+        self.tokens += hb.real_tokens
+
+    def result(self, res: str, skipped: int = 0) -> EvalResult:
+        n = max(self.n, 1)
+        return EvalResult(res, self.n, self.top1 / n, self.top5 / n, self.tokens / n, skipped)
+
+
+def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a checkpoint (or a run's newest one), in eval mode on ``device``, and its meta."""
+    from model import NaViT, NaViTConfig
+    from trainer.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    net = NaViT(NaViTConfig.from_dict(ck.meta["model_config"]))
+    net.load_state_dict(ck.weights)
+    return net.to(device).eval(), {**ck.meta, "path": str(ck.path)}
+
+
+def parse_resolutions(spec: str) -> list[int | None]:
+    """'64,128,native' → [64, 128, None]."""
+    out: list[int | None] = []
+    for part in spec.split(","):
+        part = part.strip().lower()
+        if part == "native":
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise NavitError(f"--resolutions: {part!r} is not a positive integer or 'native'")
+    if not out:
+        raise NavitError("--resolutions: give at least one resolution")
+    return out
+
+
+def _batched(rows: Rows, batch_rows: int) -> Iterator[Rows]:
+    for s in range(0, len(rows), batch_rows):
+        sl = slice(s, s + batch_rows)
+        yield Rows(
+            rows.patches[sl],
+            rows.segment_ids[sl],
+            rows.pos_h[sl],
+            rows.pos_w[sl],
+            rows.labels[sl],
+            rows.grid_h[sl],
+            rows.grid_w[sl],
+        )
+
+
+def evaluate_folder(
+    net: torch.nn.Module,
+    root: str | Path,
+    resolutions: list[int | None],
+    *,
+    patch: int,
+    seq_len: int,
+    device: torch.device,
+    class_names: list[str] | None = None,
+    batch_rows: int = 8,
+    chunk_images: int = 256,
+) -> list[EvalResult]:
+    """Accuracy on an ImageFolder at each resolution; images decoded once per chunk."""
+    paths, labels = list_image_folder(root, class_names)
+    accs = [_Accumulator() for _ in resolutions]
+    skipped = 0
+    for start in range(0, len(paths), chunk_images):
+        decoded = [
+            (_decode(p), lab)
+            for p, lab in zip(
+                paths[start : start + chunk_images], labels[start : start + chunk_images], strict=True
+            )
+        ]
+        skipped += sum(img is None for img, _ in decoded)
+        good = [(img, lab) for img, lab in decoded if img is not None]
+        for acc, res in zip(accs, resolutions, strict=True):
+            imgs = [_resize(img, *target_grid(*img.shape[:2], res, patch, seq_len), patch) for img, _ in good]
+            packed = packed_to_rows(pack_rows(imgs, [lab for _, lab in good], patch, seq_len))
+            for rows in _batched(packed, batch_rows):
+                acc.add(net, rows, device)
+    return [
+        acc.result("native" if r is None else str(r), skipped)
+        for acc, r in zip(accs, resolutions, strict=True)
+    ]
+
+
+def evaluate_shards(
+    net: torch.nn.Module, data_dir: str, *, device: torch.device, batch_rows: int = 8
+) -> list[EvalResult]:
+    """Accuracy on a pack directory's rows as packed (pack epoch 0)."""
+    from trainer.data import open_shard_set
+
+    shards = open_shard_set(data_dir, verify=True)
+    acc = _Accumulator()
+    for s, f in enumerate(shards.files):
+        if shards.shard_epoch[s] != 0:
+            continue
+        for table in schema.iter_row_groups(data_dir, f):
+            for rows in _batched(Rows.from_arrow(table), batch_rows):
+                acc.add(net, rows, device)
+    return [acc.result("pack")]
+
+
+def format_table(results: list[EvalResult]) -> str:
+    lines = [f"{'resolution':>10}  {'images':>7}  {'tokens/img':>10}  {'top-1':>7}  {'top-5':>7}"]
+    for r in results:
+        lines.append(
+            f"{r.resolution:>10}  {r.images:>7}  {r.tokens_per_image:>10.1f}  {r.top1:>7.2%}  {r.top5:>7.2%}"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(results: list[EvalResult], path: str | Path, title: str = "") -> None:
+    """Accuracy against resolution (matplotlib, Agg backend), written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r.resolution for r in results]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot(xs, [100 * r.top1 for r in results], marker="o", label="top-1")
+    ax.plot(xs, [100 * r.top5 for r in results], marker="s", label="top-5")
+    ax.set_xlabel("resolution (longer side, px)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    schema.atomic_write_bytes(*schema.resolve_fs(str(path)), buf.getvalue())

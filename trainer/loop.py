@@ -1,0 +1,349 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, DDP, checkpoints.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` packed rows per rank. The loss is
+cross-entropy averaged per *image* over the whole step (all micro-batches, all ranks), not per token
+and not per row: a row of many small images weighs more than a row holding one big image.
+
+Everything that decides the numbers (init, data order, optimizer and scheduler state, RNG) is either
+seeded or checkpointed, so on CPU a resumed run reproduces the uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from packer.errors import ConfigError, NavitError
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig, incompatible_fields
+from trainer.data import BatchSource, DataPosition, HostBatch
+from trainer.distributed import all_gather_json, all_reduce_sum, barrier, init_distributed
+from trainer.metrics import MetricsLogger
+
+
+@dataclass
+class TrainResult:
+    """What a run did (also written to RUN/summary.json)."""
+
+    steps: int
+    images: int
+    real_tokens: int
+    tokens: int
+    wall_s: float
+    final_loss: float
+    final_acc: float
+    losses: list[float] = field(default_factory=list)  # per step of this invocation, in order
+    start_step: int = 0
+    checkpoint: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def lr_lambda(cfg: TrainConfig) -> Any:
+    """Multiplier of the peak lr at step s: linear warmup to 1, then cosine to min_lr_ratio."""
+    steps, warm, floor = cfg.schedule.steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        t = min(1.0, (s - warm) / max(1, steps - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return f
+
+
+def build_model(cfg: TrainConfig, num_classes: int, patch_size: int) -> tuple[torch.nn.Module, Any]:
+    """NaViT from the preset + overrides; the patch size comes from the data."""
+    from model import NaViT, NaViTConfig
+
+    overrides = dict(cfg.model.overrides)
+    if "patch_size" in overrides and int(overrides["patch_size"]) != patch_size:
+        raise ConfigError(
+            f"model.overrides.patch_size={overrides['patch_size']} but the data has patch_size {patch_size}"
+        )
+    overrides["patch_size"] = patch_size
+    if cfg.model.attention != "auto":
+        overrides["attention"] = cfg.model.attention
+    try:
+        mcfg = NaViTConfig.preset(cfg.model.preset, num_classes=num_classes, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {str(e).splitlines()[0]}") from None
+    return NaViT(mcfg), mcfg
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # No decay on biases, norms, embeddings' 1-D params: the usual ViT recipe.
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _data_fingerprint(source: BatchSource) -> str:
+    return f"{source.description} seq_len={source.seq_len} patch={source.patch_size}"
+
+
+def train(
+    cfg: TrainConfig,
+    source: BatchSource | Any,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    verbose: bool = True,
+    class_names: list[str] | None = None,
+) -> TrainResult:
+    """Run (or resume) training into ``out``. ``source`` is a BatchSource for *this* rank, or a
+    callable ``(DistInfo) -> BatchSource`` (built after the process group is up).
+
+    ``stop_after``: stop after this global step as if interrupted (for tests and time-boxed jobs);
+    the schedule still targets ``cfg.schedule.steps``."""
+    device = resolve_device(cfg.device)
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if callable(source) and not hasattr(source, "batches"):
+        source = source(info)
+    run = Path(out)
+    existing = ckpt.list_checkpoints(run)
+    if existing and not resume:
+        raise NavitError(f"{run} already holds checkpoints: pass --resume to continue, or another --out")
+    if resume and not existing:
+        raise NavitError(f"--resume: {run} has no checkpoint to resume from")
+
+    # The classifier width: the config's, else 1 + the largest label in the data.
+    num_classes = cfg.model.num_classes or max(1, source.num_classes)
+    if cfg.model.num_classes and source.num_classes > cfg.model.num_classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but the data has labels up to "
+            f"{source.num_classes - 1}"
+        )
+
+    state: ckpt.Checkpoint | None = None
+    if resume:
+        state = ckpt.load_checkpoint(existing[-1])
+        diff = incompatible_fields(state.meta["config"], cfg.model_dump(mode="json"))
+        if diff:
+            raise NavitError(
+                f"--resume: {run} was made with a different config ({', '.join(diff[:4])}"
+                f"{', ...' if len(diff) > 4 else ''}); use another --out or the same settings"
+            )
+        if state.meta.get("world_size", 1) != info.world_size:
+            raise NavitError(
+                f"--resume: {run} was trained on {state.meta.get('world_size', 1)} processes, "
+                f"this launch has {info.world_size} (the data order depends on it)"
+            )
+        if state.meta.get("data") != _data_fingerprint(source):
+            raise NavitError(f"--resume: {run} was trained on {state.meta.get('data')!r}, not on this data")
+        num_classes = int(state.meta["model_config"].get("num_classes", num_classes))
+
+    torch.manual_seed(cfg.seed)
+    model, mcfg = build_model(cfg, num_classes, source.patch_size)
+    if state is not None:
+        model.load_state_dict(state.weights)
+    model.to(device)
+    opt = torch.optim.AdamW(
+        _param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    step = 0
+    counters = {"images": 0, "real_tokens": 0, "tokens": 0}
+    position = DataPosition()
+    if state is not None:
+        ts = state.train_state()
+        opt.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        ckpt.set_rng_state(ts["rng"])
+        step = state.step
+        counters = dict(state.meta["counters"])
+        position = DataPosition.from_dict(state.meta["data_positions"][info.rank])
+
+    net: torch.nn.Module = model
+    if cfg.compile:
+        net = torch.compile(net)
+    if info.enabled:
+        ids = [info.local_rank] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+    log = MetricsLogger(run, cfg.schedule.steps, cfg.log_every, enabled=info.is_main and verbose)
+    if not verbose and info.is_main:
+        log = MetricsLogger(run, cfg.schedule.steps, cfg.log_every, enabled=True, stream=_NullStream())
+    n_params = sum(p.numel() for p in model.parameters())
+    log.message(
+        f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params, {num_classes} classes) on "
+        f"{device}{f' x{info.world_size}' if info.enabled else ''}, {source.description}, "
+        f"{'resuming at step ' + str(step) if state else 'from scratch'}"
+    )
+    log.event({"event": "resume" if state else "start", "step": step, "config": cfg.model_dump(mode="json")})
+
+    meta_static = {
+        "config": cfg.model_dump(mode="json"),
+        "model_config": mcfg.to_dict(),
+        "world_size": info.world_size,
+        "data": _data_fingerprint(source),
+        "seq_len": source.seq_len,
+        "patch_size": source.patch_size,
+        "class_names": class_names,
+    }
+
+    def save(at: int) -> Path | None:
+        positions = all_gather_json(position.to_dict(), info)
+        path = None
+        if info.is_main:
+            train_state = {
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": ckpt.rng_state(),
+            }
+            meta = {**meta_static, "data_positions": positions, "counters": counters, "metrics": log.last}
+            path = ckpt.save_checkpoint(run, at, model, train_state, meta, keep=cfg.checkpoint.keep)
+            log.event({"event": "checkpoint", "step": at, "path": str(path)})
+        barrier(info)
+        return path
+
+    use_bf16 = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    accum = cfg.data.grad_accum
+    batches: Iterator[HostBatch] = iter(source.batches(position))
+    t_start = time.perf_counter()
+    start_step = step
+    losses: list[float] = []
+    last_ckpt: Path | None = existing[-1] if existing else None
+    end = cfg.schedule.steps if stop_after is None else min(stop_after, cfg.schedule.steps)
+    loss_val, acc_val = math.nan, math.nan
+    net.train()
+    try:
+        while step < end:
+            # ---- data (timed: the data-wait fraction is this over the step's wall time) ----
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(accum)]
+            on_dev = [hb.to(device) for hb in micro]
+            wait = time.perf_counter() - t0
+            labeled_local = sum(int((d["labels"] >= 0).sum()) for d in on_dev)
+            (labeled,) = all_reduce_sum([labeled_local], info, device)
+            scale = info.world_size / max(labeled, 1.0)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            for i, batch in enumerate(on_dev):
+                labels = batch.pop("labels")  # (N,) one per image in output order
+                sync = contextlib.nullcontext()
+                if info.enabled and i < accum - 1:
+                    sync = net.no_sync()  # all-reduce gradients once, on the last micro-batch
+                with sync:
+                    with autocast:
+                        logits = net(batch).logits  # (N, C)
+                    logits = logits.float()
+                    ce = F.cross_entropy(
+                        logits,
+                        labels,
+                        ignore_index=-1,
+                        label_smoothing=cfg.optim.label_smoothing,
+                        reduction="sum",
+                    )
+                    (ce * scale).backward()
+                loss_sum += ce.detach().double()
+                correct += ((logits.argmax(-1) == labels) & (labels >= 0)).sum()
+            gnorm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                if cfg.optim.grad_clip > 0
+                else _grad_norm(model)
+            )
+            images = sum(hb.images for hb in micro)
+            real = sum(hb.real_tokens for hb in micro)
+            toks = sum(hb.tokens for hb in micro)
+            tot = all_reduce_sum([loss_sum.item(), float(correct.item()), images, real, toks], info, device)
+            loss_val = tot[0] / max(labeled, 1.0)
+            if not math.isfinite(loss_val) or not math.isfinite(float(gnorm)):
+                where = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was saved"
+                raise NavitError(f"loss is {loss_val} at step {step + 1} (non-finite): stopping{where}")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            position = micro[-1].position
+            counters["images"] += int(tot[2])
+            counters["real_tokens"] += int(tot[3])
+            counters["tokens"] += int(tot[4])
+            losses.append(loss_val)
+            acc_val = tot[1] / max(labeled, 1.0)
+            log.step(
+                step,
+                loss_val,
+                int(tot[1]),
+                int(labeled),
+                int(tot[2]),
+                int(tot[3]),
+                int(tot[4]),
+                wait,
+                sched.get_last_lr()[0],
+                float(gnorm),
+            )
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < end:
+                last_ckpt = save(step) or last_ckpt
+        if step > start_step and (not existing or step != int(existing[-1].name.split("-")[1])):
+            last_ckpt = save(step) or last_ckpt
+    finally:
+        with contextlib.suppress(Exception):
+            batches.close()  # type: ignore[attr-defined]
+
+    wall = time.perf_counter() - t_start
+    final = log.last or {}
+    result = TrainResult(
+        steps=step,
+        images=counters["images"],
+        real_tokens=counters["real_tokens"],
+        tokens=counters["tokens"],
+        wall_s=wall,
+        final_loss=float(final.get("loss", loss_val)),
+        final_acc=float(final.get("acc", acc_val)),
+        losses=losses,
+        start_step=start_step,
+        checkpoint=str(last_ckpt) if last_ckpt else None,
+    )
+    if info.is_main:
+        summary = {k: v for k, v in asdict(result).items() if k != "losses"}
+        (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.event({"event": "summary", **summary})
+        pad = 1 - result.real_tokens / result.tokens if result.tokens else 0.0
+        log.message(
+            f"done: {result.steps} steps, {result.images} images, {result.real_tokens} tokens "
+            f"({pad:.1%} padding), {wall:.1f} s; final loss {result.final_loss:.4f}, "
+            f"train accuracy {result.final_acc:.3f}; checkpoint {result.checkpoint}"
+        )
+    log.close()
+    return result
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+class _NullStream:
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False

@@ -1,0 +1,148 @@
+"""Training metrics: a progress line on the terminal, ``RUN/metrics.jsonl``, and TensorBoard events
+when the ``tensorboard`` package is installed.
+
+The loop reports per-step counts; this module turns them into rates over the logging window: loss,
+accuracy, images/s, tokens/s (real tokens), padding fraction seen and the data-wait fraction (time
+the loop spent waiting for a batch, over the window's wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line."""
+
+    steps: int = 0
+    loss_sum: float = 0.0  # sum of per-step mean losses
+    correct: int = 0
+    labeled: int = 0
+    images: int = 0
+    real_tokens: int = 0
+    tokens: int = 0
+    data_wait_s: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+
+class MetricsLogger:
+    """Aggregates steps and writes one record every ``log_every`` steps (rank 0 only writes)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path | None,
+        total_steps: int,
+        log_every: int = 10,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.total, self.log_every, self.enabled = total_steps, log_every, enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.enabled and self.stream.isatty()
+        self.window = Window()
+        self.jsonl = None
+        self.tb = None
+        self.last: dict[str, Any] = {}
+        if enabled and run_dir is not None:
+            run = Path(run_dir)
+            run.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(run / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run / "tb"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def step(
+        self,
+        step: int,
+        loss: float,
+        correct: int,
+        labeled: int,
+        images: int,
+        real_tokens: int,
+        tokens: int,
+        data_wait_s: float,
+        lr: float,
+        grad_norm: float,
+    ) -> dict[str, Any] | None:
+        w = self.window
+        w.steps += 1
+        w.loss_sum += loss
+        w.correct += correct
+        w.labeled += labeled
+        w.images += images
+        w.real_tokens += real_tokens
+        w.tokens += tokens
+        w.data_wait_s += data_wait_s
+        if step % self.log_every and step != self.total:
+            return None
+        now = time.perf_counter()
+        dt = max(now - w.start, 1e-9)
+        rec = {
+            "step": step,
+            "loss": w.loss_sum / w.steps,
+            "acc": w.correct / w.labeled if w.labeled else math.nan,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "images_per_s": w.images / dt,
+            "tokens_per_s": w.real_tokens / dt,
+            "padding_fraction": 1.0 - w.real_tokens / w.tokens if w.tokens else 0.0,
+            "data_wait_fraction": w.data_wait_s / dt,
+            "time": time.time(),
+        }
+        self.last = rec
+        self.window = Window()
+        if self.enabled:
+            self._emit(rec)
+        return rec
+
+    def _emit(self, rec: dict[str, Any]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "time") and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+        line = (
+            f"step {rec['step']:>6}/{self.total}  loss {rec['loss']:.4f}  acc {rec['acc']:.3f}  "
+            f"lr {rec['lr']:.2e}  {rec['images_per_s']:.1f} img/s  {rec['tokens_per_s']:.0f} tok/s  "
+            f"pad {rec['padding_fraction']:.1%}  data-wait {rec['data_wait_fraction']:.1%}"
+        )
+        if self.tty:
+            bar_w = 20
+            filled = int(bar_w * rec["step"] / max(self.total, 1))
+            self.stream.write("\r[" + "#" * filled + "." * (bar_w - filled) + "] " + line + "\x1b[K")
+            if rec["step"] >= self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def event(self, record: dict[str, Any]) -> None:
+        """A non-step record (start, resume, checkpoint, summary) in metrics.jsonl."""
+        if self.enabled and self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            if self.tty:
+                self.stream.write("\r\x1b[K")
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
