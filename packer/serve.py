@@ -129,7 +129,9 @@ class ShardSetSource:
 
     def _open(self, file: str) -> Any:
         try:
-            return schema.open_shard(self.data_dir, file)
+            # Buffered reads, not mmap: a stream's resident memory is then its row groups in flight,
+            # not the pages of the whole shard it has touched (page cache serves repeats either way).
+            return schema.open_shard(self.data_dir, file, memory_map=False)
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"{self.data_dir}/{file}: cannot open shard ({str(e).splitlines()[0]})") from None
 
