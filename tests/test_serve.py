@@ -409,3 +409,36 @@ def _pipeline_has_live_mode() -> bool:
 @pytest.mark.skipif(not _pipeline_has_live_mode(), reason="packer.pipeline.stream_epoch not available yet")
 def test_live_epoch_equals_navit_pack(tmp_path, ray_session):
     pytest.skip("wired once packer.pipeline lands")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer's plug-in: `navit train --data flight://` batches and positions
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_trainer_flight_source_batches_and_resumes_exactly(pack, server):
+    data = pytest.importorskip("trainer.data")
+    if not hasattr(data, "open_source"):
+        pytest.skip("trainer.data.open_source not available")
+    src = data.open_source(uri(server), batch_size=4, seed=0)
+    assert (src.seq_len, src.patch_size, src.num_classes) == (16, 2, 3)
+    it = src.batches(data.DataPosition())
+    first = [next(it) for _ in range(8)]  # 32 rows: all 22 of epoch 0, then 10 of epoch 1
+    it.close()
+    expected = data.Rows.from_arrow(pa.concat_tables([epoch_table(pack, 0), epoch_table(pack, 1)]))
+    got = np.concatenate([b.tensors["patches"].numpy() for b in first])
+    np.testing.assert_array_equal(got, expected.patches[:32])
+    # Batch 5 straddles the epochs: rows 20-21 of epoch 0, then rows 0-1 of epoch 1.
+    assert first[4].position == data.DataPosition(0, 20) and first[5].position == data.DataPosition(1, 2)
+    # Resume from a checkpointed position: the same batches as the uninterrupted stream.
+    it = src.batches(first[2].position)
+    resumed = [next(it) for _ in range(5)]
+    it.close()
+    for a, b in zip(resumed, first[3:], strict=True):
+        assert a.position == b.position
+        for k in a.tensors:
+            assert torch_equal(a.tensors[k], b.tensors[k]), k
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
