@@ -126,3 +126,51 @@ def write_image_folder(out: str | Path, images: list[np.ndarray], labels: list[i
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"img_{i:04d}.png")
     return out
+
+
+def tiny_train_config(**overrides):
+    """A TrainConfig for tests: tiny preset cut to depth 2, width 64; few steps; quiet."""
+    from trainer.config import load_train_config
+
+    base = {
+        "model.preset": "tiny",
+        "model.overrides": {"depth": 2, "dim": 64, "heads": 2},
+        "schedule.steps": 12,
+        "schedule.warmup_steps": 2,
+        "data.batch_size": 4,
+        "data.shuffle_buffer": 16,
+        "optim.lr": 3e-3,
+        "checkpoint.every": 0,
+        "device": "cpu",
+        "log_every": 1000,
+    }
+    base.update(overrides)
+    return load_train_config(None, base)
+
+
+def trained_run(tmp_path_factory, steps: int = 200) -> dict:
+    """Train the tiny model once per test session (shared by test_train and test_eval): returns
+    {"pack", "run", "result", "val_images", "val_labels"}."""
+    from trainer.data import open_source
+    from trainer.loop import train
+
+    base = tmp_path_factory.getbasetemp() / "trained_tiny"
+    cache = getattr(tmp_path_factory, "_navit_trained", None)
+    if cache is not None:
+        return cache
+    images, labels = make_images(240, seed=11)
+    pack = write_pack(base / "pack", images, labels, seq_len=64, shard_rows=16)
+    cfg = tiny_train_config(**{"schedule.steps": steps, "schedule.warmup_steps": 20})
+    result = train(
+        cfg, lambda info: open_source(str(pack), batch_size=4, seed=0), base / "run", verbose=False
+    )
+    val_images, val_labels = make_images(80, seed=12)
+    cache = {
+        "pack": pack,
+        "run": base / "run",
+        "result": result,
+        "val_images": val_images,
+        "val_labels": val_labels,
+    }
+    tmp_path_factory._navit_trained = cache
+    return cache

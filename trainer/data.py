@@ -301,7 +301,7 @@ class _RowReader:
     def __init__(self, shards: ShardSet) -> None:
         self.shards = shards
         self.offsets = [np.concatenate([[0], np.cumsum(g)]) for g in shards.group_rows]
-        self.pending: dict[tuple[int, int], Rows] = {}
+        self.pending: dict[tuple[int, int], list[Any]] = {}  # (shard, row) -> [Rows, uses left]
         self.wanted: dict[tuple[int, int], list[int]] = {}
         self.files: dict[int, Any] = {}
         self.bytes_read = 0
@@ -320,17 +320,27 @@ class _RowReader:
         return pf
 
     def get(self, s: int, r: int) -> Rows:
-        row = self.pending.pop((s, r), None)
-        if row is not None:
-            return row
-        g = int(np.searchsorted(self.offsets[s], r, side="right")) - 1
-        table = self._file(s).read_row_group(g)
-        self.bytes_read += table.nbytes
-        arrays = Rows.from_arrow(table)
-        base = int(self.offsets[s][g])
-        for rr in self.wanted.pop((s, g), [r]):
-            self.pending[(s, rr)] = arrays.take(rr - base)
-        return self.pending.pop((s, r))
+        if (s, r) not in self.pending:
+            g = int(np.searchsorted(self.offsets[s], r, side="right")) - 1
+            table = self._file(s).read_row_group(g)
+            self.bytes_read += table.nbytes
+            arrays = Rows.from_arrow(table)
+            base = int(self.offsets[s][g])
+            wanted = self.wanted.pop((s, g), [])
+            if r not in wanted:
+                wanted.append(r)
+            # A row can be announced more than once (it recurs in a later epoch): count uses.
+            for rr in wanted:
+                entry = self.pending.get((s, rr))
+                if entry is None:
+                    self.pending[(s, rr)] = [arrays.take(rr - base), 1]
+                else:
+                    entry[1] += 1
+        entry = self.pending[(s, r)]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.pending[(s, r)]
+        return entry[0]
 
 
 class ShardStream(torch.utils.data.IterableDataset):

@@ -1,0 +1,75 @@
+"""`navit eval`: top-1 / top-5 of a trained checkpoint on a labeled image folder at several
+resolutions (or on a pack directory as packed): a table, JSON, and a plot of accuracy vs resolution."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_(
+        source: Annotated[
+            str, typer.Argument(help="labeled image folder (ROOT/<class>/...) or pack directory")
+        ],
+        checkpoint: Annotated[
+            Path, typer.Option("--checkpoint", help="checkpoint directory, or a run directory (newest)")
+        ],
+        resolutions: Annotated[
+            str, typer.Option("--resolutions", help="longer-side sizes, comma-separated; 'native' allowed")
+        ] = "64,128,224,384,native",
+        json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+        plot: Annotated[
+            Path | None, typer.Option("--plot", help="write accuracy vs resolution (PNG)", show_default=False)
+        ] = None,
+        device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+        batch_rows: Annotated[int, typer.Option("--batch-rows", help="packed rows per forward", min=1)] = 8,
+    ) -> None:
+        """Top-1 / top-5 accuracy of a checkpoint at each resolution (no Ray)."""
+        from packer import schema
+        from trainer.evaluate import (
+            evaluate_folder,
+            evaluate_shards,
+            format_table,
+            load_model,
+            parse_resolutions,
+            plot_results,
+        )
+        from trainer.loop import resolve_device
+
+        res = parse_resolutions(resolutions)
+        dev = resolve_device(device)
+        net, meta = load_model(checkpoint, dev)
+        is_pack = "://" in source or (Path(source) / schema.INDEX_FILE).is_file()
+        if is_pack:
+            results = evaluate_shards(net, source, device=dev, batch_rows=batch_rows)
+        else:
+            results = evaluate_folder(
+                net,
+                source,
+                res,
+                patch=int(meta["patch_size"]),
+                seq_len=int(meta["seq_len"]),
+                device=dev,
+                class_names=meta.get("class_names"),
+                batch_rows=batch_rows,
+            )
+        if plot is not None:
+            plot_results(results, plot, title=f"{meta['path']} on {source}")
+        if json_out:
+            payload = {
+                "checkpoint": meta["path"],
+                "step": meta["step"],
+                "source": source,
+                "results": [r.to_dict() for r in results],
+            }
+            typer.echo(json.dumps(payload, indent=2))
+        else:
+            typer.echo(f"checkpoint {meta['path']} (step {meta['step']}) on {source}")
+            typer.echo(format_table(results))
+            if results and results[0].skipped:
+                typer.echo(f"({results[0].skipped} undecodable files skipped)")

@@ -1,0 +1,234 @@
+"""`navit train`: train NaViT on packed shards (--data), a `navit serve` Flight server
+(--data flight://HOST:PORT) or the live packing pipeline (--images SOURCE).
+
+Flags override the config file (``--config``, its top level or ``train:`` section), ``--set`` overrides
+any field by its dotted name. torch (and Ray, in live mode) are imported inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.common import (
+    ConfigOpt,
+    PatchOpt,
+    RayAddressOpt,
+    ResolutionOpt,
+    SeqLenOpt,
+    SetOpt,
+    TokenDropOpt,
+)
+
+
+def train_config_from_flags(config: Path | None, sets: list[str] | None, named: dict[str, Any]) -> Any:
+    """Config file, then --set, then the named flags (None = not given): the named flags win."""
+    from cli.common import _parse_set
+    from trainer.config import load_train_config
+
+    overrides = dict(_parse_set(sets))
+    overrides.update({k: v for k, v in named.items() if v is not None})
+    return load_train_config(config, overrides)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def train(
+        out: Annotated[Path, typer.Option("--out", "-o", help="run directory (checkpoints, metrics)")],
+        data: Annotated[
+            str | None,
+            typer.Option(
+                "--data", help="pack directory (or s3://...), or flight://HOST:PORT", show_default=False
+            ),
+        ] = None,
+        images: Annotated[
+            str | None,
+            typer.Option("--images", help="live mode: pack this image source on Ray while training"),
+        ] = None,
+        config: ConfigOpt = None,
+        preset: Annotated[
+            str | None, typer.Option("--preset", help="tiny | small | base | large", show_default=False)
+        ] = None,
+        steps: Annotated[
+            int | None, typer.Option("--steps", help="optimizer steps", show_default=False)
+        ] = None,
+        batch_size: Annotated[
+            int | None,
+            typer.Option("--batch-size", help="packed rows per micro-batch per process", show_default=False),
+        ] = None,
+        grad_accum: Annotated[
+            int | None, typer.Option("--grad-accum", help="micro-batches per step", show_default=False)
+        ] = None,
+        lr: Annotated[
+            float | None, typer.Option("--lr", help="peak learning rate", show_default=False)
+        ] = None,
+        warmup: Annotated[
+            int | None, typer.Option("--warmup", help="warmup steps", show_default=False)
+        ] = None,
+        device: Annotated[
+            str | None, typer.Option("--device", help="auto | cpu | cuda", show_default=False)
+        ] = None,
+        attention: Annotated[
+            str | None,
+            typer.Option("--attention", help="auto | dense | segment | flex | varlen", show_default=False),
+        ] = None,
+        seed: Annotated[int | None, typer.Option("--seed", help="global seed", show_default=False)] = None,
+        workers: Annotated[
+            int | None, typer.Option("--workers", help="DataLoader worker processes", show_default=False)
+        ] = None,
+        checkpoint_every: Annotated[
+            int | None,
+            typer.Option("--checkpoint-every", help="steps between checkpoints", show_default=False),
+        ] = None,
+        compile_: Annotated[
+            bool | None,
+            typer.Option("--compile/--no-compile", help="torch.compile the model", show_default=False),
+        ] = None,
+        sets: SetOpt = None,
+        resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out exactly")] = False,
+        token_file: Annotated[
+            Path | None, typer.Option("--token-file", help="flight:// auth token file", show_default=False)
+        ] = None,
+        seq_len: SeqLenOpt = None,
+        patch_size: PatchOpt = None,
+        resolution: ResolutionOpt = None,
+        token_drop: TokenDropOpt = None,
+        ray_address: RayAddressOpt = None,
+    ) -> None:
+        """Train NaViT (AdamW, warmup + cosine, per-image loss, checkpoints, exact --resume, DDP)."""
+        from packer.errors import ConfigError
+        from trainer.config import TrainConfig
+
+        if (data is None) == (images is None):
+            raise ConfigError("give exactly one of --data DIR|flight://HOST:PORT or --images SOURCE")
+        # --set keys split by their first segment: TrainConfig's sections, else the live pack config's.
+        train_sets = [x for x in sets or [] if x.split("=", 1)[0].split(".")[0] in TrainConfig.model_fields]
+        pack_sets = [x for x in sets or [] if x not in train_sets]
+        cfg: TrainConfig = train_config_from_flags(
+            config,
+            train_sets,
+            {
+                "model.preset": preset,
+                "model.attention": attention,
+                "schedule.steps": steps,
+                "schedule.warmup_steps": warmup,
+                "data.batch_size": batch_size,
+                "data.grad_accum": grad_accum,
+                "data.workers": workers,
+                "optim.lr": lr,
+                "device": device,
+                "seed": seed,
+                "checkpoint.every": checkpoint_every,
+                "compile": compile_,
+            },
+        )
+        if cfg.schedule.warmup_steps > cfg.schedule.steps:
+            cfg = cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"warmup_steps": 0})})
+        token = None
+        if token_file is not None:
+            from trainer.flight_client import read_token_file
+
+            token = read_token_file(token_file)
+        source_factory = _source_factory(
+            cfg,
+            data,
+            images,
+            token,
+            config,
+            seq_len,
+            patch_size,
+            resolution,
+            token_drop,
+            pack_sets,
+            ray_address,
+        )
+
+        from trainer.loop import train as run_train
+
+        class_names = _class_names(images) if images else None
+        run_train(cfg, source_factory, out, resume=resume, class_names=class_names)
+
+
+def _class_names(images: str) -> list[str] | None:
+    p = Path(images)
+    if p.is_dir():
+        return sorted(c.name for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
+    return None
+
+
+def _source_factory(
+    cfg: Any,
+    data: str | None,
+    images: str | None,
+    token: str | None,
+    config: Path | None,
+    seq_len: int | None,
+    patch_size: int | None,
+    resolution: str | None,
+    token_drop: str | None,
+    sets: list[str] | None,
+    ray_address: str | None,
+) -> Any:
+    """A callable (DistInfo) -> BatchSource; called once the process group is up (rank known)."""
+    import torch
+
+    from trainer.loop import resolve_device
+
+    pin = resolve_device(cfg.device).type == "cuda" and torch.cuda.is_available()
+    if data is not None:
+        from trainer.data import open_source
+
+        # Validate the data before any process group or model exists (one clear error).
+        if "://" not in data or data.startswith(("s3://", "gs://", "file://")):
+            from trainer.data import open_shard_set
+
+            open_shard_set(data, verify=cfg.data.verify)
+
+        def make(info: Any) -> Any:
+            return open_source(
+                data,
+                batch_size=cfg.data.batch_size,
+                seed=cfg.seed,
+                rank=info.rank,
+                world_size=info.world_size,
+                workers=cfg.data.workers,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                prefetch=cfg.data.prefetch,
+                pin_memory=pin,
+                verify=False,  # verified above, once
+                token=token,
+            )
+
+        return make
+
+    from cli.common import pack_config_from_flags
+    from packer.config import read_yaml
+
+    # The live pipeline's config is the file's `pack:` section (a train-only file has none).
+    pack_file = config if config is not None and "pack" in read_yaml(config) else None
+    pack_cfg = pack_config_from_flags(
+        pack_file,
+        seq_len=seq_len,
+        patch_size=patch_size,
+        seed=cfg.seed,
+        resolution=resolution,
+        token_drop=token_drop,
+        sets=sets,
+    )
+
+    def make_live(info: Any) -> Any:
+        from trainer.data import live_source
+
+        return live_source(
+            images,
+            pack_cfg,
+            batch_size=cfg.data.batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            pin_memory=pin,
+            ray_address=ray_address,
+        )
+
+    return make_live
