@@ -344,7 +344,7 @@ def _check_images(d: PackData) -> None:
 def _check_totals(d: PackData) -> None:
     totals = d.index.get("totals") or {}
     mine = _totals(d)
-    for key in (*schema.TOTALS_KEYS, "images_planned"):
+    for key in (*schema.TOTALS_KEYS, "images_planned", "excess_over_lower_bound"):
         if key not in totals or key not in mine:
             continue
         have, claim = mine[key], totals[key]
@@ -356,6 +356,24 @@ def _check_totals(d: PackData) -> None:
             d.problems.append(f"index.json totals.{key} = {claim}, the shards give {have}")
     if "sequences" not in totals:
         d.problems.append("index.json has no totals.sequences")
+    if "shards" in totals and int(totals["shards"]) != len(d.index["shards"]):
+        d.problems.append(f"index.json totals.shards = {totals['shards']}, it lists {len(d.index['shards'])}")
+    # index.json's optional per-epoch totals (written by navit pack) against the shards.
+    claimed = {int(e.get("epoch", -1)): e for e in d.index.get("per_epoch") or [] if isinstance(e, dict)}
+    for e in _per_epoch(d):
+        c = claimed.get(e["epoch"])
+        if c is None:
+            continue
+        for key, have in (
+            ("sequences", e["sequences"]),
+            ("real_tokens", e["real_tokens"]),
+            ("images_packed", e["images"]),
+            ("lower_bound_sequences", e["lower_bound_sequences"]),
+        ):
+            if key in c and int(c[key]) != have:
+                d.problems.append(
+                    f"index.json per_epoch[{e['epoch']}].{key} = {c[key]}, the shards give {have}"
+                )
 
 
 # ----------------------------------------------------------------------------------------------------

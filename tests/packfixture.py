@@ -75,6 +75,7 @@ def write_pack(
     sequences = real = 0
     packed = 0
     tokens_per_epoch: list[int] = []
+    per_epoch: list[dict[str, Any]] = []
     for epoch, rows in enumerate(epochs):
         epoch_tokens = 0
         for start in range(0, len(rows), shard_rows):
@@ -147,6 +148,15 @@ def write_pack(
             packed += shard_images
             epoch_tokens += shard_real
         tokens_per_epoch.append(epoch_tokens)
+        per_epoch.append(
+            {
+                "epoch": epoch,
+                "sequences": len(rows),
+                "real_tokens": epoch_tokens,
+                "images_packed": sum(len(r) for r in rows),
+                "lower_bound_sequences": -(-epoch_tokens // seq_len),
+            }
+        )
         for j, (path, reason) in enumerate(rejected):
             img_rows.append(
                 {
@@ -192,6 +202,7 @@ def write_pack(
         "config": {},
         "shards": entries,
         "totals": totals,
+        "per_epoch": per_epoch,
     }
     if classes is not None:
         index["classes"] = classes

@@ -165,6 +165,7 @@ def test_tampered_index_totals_are_reported(fresh):
     index = json.loads((fresh / "index.json").read_text())
     index["totals"]["sequences"] += 1
     index["shards"][1]["real_tokens"] += 3
+    index["per_epoch"][1]["images_packed"] -= 1
     (fresh / "index.json").write_bytes(schema.dumps_index(index))
     res = run(str(fresh))
     assert res.exit_code == 1
@@ -172,6 +173,7 @@ def test_tampered_index_totals_are_reported(fresh):
     problems = compute_stats(str(fresh))["consistency"]["problems"]
     assert any("totals.sequences" in p for p in problems)
     assert any("shard-000001" in p and "real_tokens" in p for p in problems)
+    assert any("per_epoch[1].images_packed" in p for p in problems)
 
 
 def test_deleted_row_is_reported(fresh):
