@@ -82,13 +82,25 @@ def lp_bound(lengths: np.ndarray, seq_len: int, max_images: int | None = None) -
     return solve_cutting_stock(vals, counts, int(seq_len), cap, seed_patterns=seeds).bound
 
 
-def _bfd_patterns(vals: np.ndarray, counts: np.ndarray, L: int, M: int) -> np.ndarray:
-    """Distinct patterns (K, m) of a best-fit-decreasing packing of the histogram (vals descending):
-    a good, cheap starting pool for column generation."""
+def _bfd_patterns(vals: np.ndarray, counts: np.ndarray, L: int, M: int, limit: int = 2000) -> np.ndarray:
+    """Distinct patterns (K, m) of a best-fit-decreasing packing of the histogram (vals descending),
+    the ``limit`` most frequent first: a good, cheap starting pool for column generation."""
     bins, q = bfd_groups(vals, counts, L, M, [], [], [])
-    per_bin = np.zeros((max(bins) + 1, len(vals)), dtype=np.int64)
-    np.add.at(per_bin, (np.repeat(np.array(bins), q), np.repeat(np.arange(len(vals)), counts)), 1)
-    return np.unique(per_bin, axis=0)
+    item_bin = np.repeat(np.array(bins, dtype=np.int64), q)  # (n,) in sorted order
+    group = np.repeat(np.arange(len(vals), dtype=np.int32), counts)  # (n,) length index
+    order = np.lexsort((group, item_bin))
+    g, b = group[order], item_bin[order]
+    cuts = np.flatnonzero(np.r_[True, b[1:] != b[:-1], True])
+    freq: dict[bytes, int] = {}
+    raw = g.tobytes()
+    for s0, s1 in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+        key = raw[4 * s0 : 4 * s1]  # a bin's sorted length indices identify its pattern
+        freq[key] = freq.get(key, 0) + 1
+    keys = sorted(freq, key=lambda k: (-freq[k], k))[:limit]
+    out = np.zeros((len(keys), len(vals)), dtype=np.int64)
+    for i, k in enumerate(keys):
+        np.add.at(out[i], np.frombuffer(k, dtype=np.int32), 1)
+    return out
 
 
 def pack(
@@ -223,7 +235,7 @@ def _histogram(lengths: np.ndarray, L: int, M: int) -> tuple[np.ndarray, np.ndar
         if len(act) == 0:
             break
         seeds = _bfd_patterns(vals[act], left[act], L, M)
-        lp = solve_cutting_stock(vals[act], left[act], L, M, seed_patterns=seeds)
+        lp = solve_cutting_stock(vals[act], left[act], L, M, seed_patterns=seeds, max_iter=4 * len(act) + 200)
         copies = np.floor(lp.x + 1e-7).astype(np.int64)  # whole patterns only; the rest goes on
         if copies.sum() == 0:
             break

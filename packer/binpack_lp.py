@@ -48,6 +48,11 @@ def _knapsack(vals: np.ndarray, y: np.ndarray, seq_len: int, max_images: int) ->
     a = np.zeros(m, dtype=np.int64)
     if len(pos) == 0:
         return 0.0, a
+    # An item is never needed if a shorter (or equal) one is worth at least as much: keep the
+    # Pareto frontier (length ascending, value strictly increasing). Valid with the image cap too.
+    pos = pos[np.lexsort((-y[pos], vals[pos]))]
+    yv_sorted = y[pos]
+    pos = pos[yv_sorted > np.maximum.accumulate(np.r_[-np.inf, yv_sorted[:-1]])]
     lv, yv = vals[pos], y[pos]
     L = int(seq_len)
     if max_images * int(lv.min()) >= L:
@@ -147,8 +152,13 @@ def solve_cutting_stock(
     optimal = False
     it = 0
     for it in range(1, max_iter + 1):
-        if it % 64 == 0:  # refactorise to stop round-off from drifting
-            B = np.stack([cols[j] if j >= 0 else -np.eye(m)[-1 - j] for j in basis], axis=1).astype(float)
+        if it % 128 == 0:  # refactorise to stop round-off from drifting
+            B = np.zeros((m, m))
+            for r_, j in enumerate(basis.tolist()):
+                if j >= 0:
+                    B[:, r_] = cols[j]
+                else:
+                    B[-1 - j, r_] = -1.0
             B_inv = np.linalg.inv(B)
             xb = B_inv @ d
         y = cost @ B_inv  # (m,) duals
@@ -184,14 +194,17 @@ def solve_cutting_stock(
         ratios[ok] = np.maximum(xb[ok], 0.0) / u[ok]
         theta = float(ratios.min())
         tied = np.flatnonzero(ratios <= theta + 1e-12)
-        r = int(tied[0])
-        for t in tied[1:].tolist():
+        if len(tied) > 1:
             # Lexicographic ratio test: degenerate pivots (many x_B = 0 when demands are small)
-            # otherwise can cycle; comparing rows of B^-1 / u picks a unique, non-cycling row.
-            diff = B_inv[t] / u[t] - B_inv[r] / u[r]
-            nz = np.flatnonzero(np.abs(diff) > 1e-12)
-            if len(nz) and diff[nz[0]] < 0:
-                r = t
+            # can cycle; the lexicographically smallest row of B^-1 / u among the ties is unique.
+            rows = B_inv[tied] / u[tied, None]  # (T, m)
+            for j in range(m):
+                colj = rows[:, j]
+                keep = colj <= colj.min() + 1e-12
+                tied, rows = tied[keep], rows[keep]
+                if len(tied) == 1:
+                    break
+        r = int(tied[0])
         theta = ratios[r]
         xb = xb - theta * u
         xb[r] = theta
