@@ -147,15 +147,7 @@ def register(app: typer.Typer) -> None:
 
         from trainer.loop import train as run_train
 
-        class_names = _class_names(images) if images else None
-        run_train(cfg, source_factory, out, resume=resume, class_names=class_names)
-
-
-def _class_names(images: str) -> list[str] | None:
-    p = Path(images)
-    if p.is_dir():
-        return sorted(c.name for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
-    return None
+        run_train(cfg, source_factory, out, resume=resume)
 
 
 def _source_factory(

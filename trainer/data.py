@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from packer import schema
@@ -161,7 +162,8 @@ class ShardSet:
     files: list[str]
     shard_epoch: np.ndarray  # (S,) pack epoch of each shard
     group_rows: list[np.ndarray]  # per shard: rows of each row group
-    num_classes: int  # 1 + largest label seen (0 if unlabeled)
+    num_classes: int  # max(len(classes), 1 + largest label seen); 0 if unlabeled
+    class_names: list[str] | None = None  # label index -> name, from index.json "classes"
 
     @property
     def seq_len(self) -> int:
@@ -226,7 +228,9 @@ def open_shard_set(data_dir: str, verify: bool = True) -> ShardSet:
         files.append(entry["file"])
         epochs.append(int(entry.get("epoch", 0)))
         groups.append(rows)
-    return ShardSet(data_dir, index, files, np.array(epochs, np.int64), groups, max_label + 1)
+    classes = index.get("classes") or None
+    num_classes = max(max_label + 1, len(classes or []))
+    return ShardSet(data_dir, index, files, np.array(epochs, np.int64), groups, num_classes, classes)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -458,6 +462,7 @@ class ShardSource:
     def __post_init__(self) -> None:
         self.seq_len, self.patch_size = self.shards.seq_len, self.shards.patch_size
         self.num_classes = self.shards.num_classes
+        self.class_names = self.shards.class_names
         self.description = self.description or f"shards {self.shards.root}"
 
     def stream(self, start: DataPosition = DataPosition()) -> ShardStream:
@@ -502,6 +507,7 @@ class RecordBatchSource:
     prefetch: int = 4
     pin_memory: bool = False
     max_epochs: int | None = None
+    class_names: list[str] | None = None
     _threads: list[threading.Thread] = field(default_factory=list, repr=False)
 
     def _rows(self, start: DataPosition) -> Iterator[tuple[Rows, DataPosition]]:
@@ -630,35 +636,62 @@ def live_source(
     prefetch: int = 4,
     pin_memory: bool = False,
     ray_address: str | None = None,
-    num_cpus: int | None = None,
+    workers: int | None = None,
 ) -> RecordBatchSource:
-    """Live mode: the packing pipeline runs on Ray (this process is the driver; Ray workers decode and
-    pack) and its rows stream straight into the trainer. Ray is imported here, not at import time."""
-    from packer import pipeline
-    from packer.ray_runtime import ensure_ray
+    """Live mode: the packing pipeline runs on Ray and its rows stream straight into the trainer.
 
-    ensure_ray(ray_address, num_cpus)
-    info = pipeline.live_info(images, pack_config) if hasattr(pipeline, "live_info") else {}
+    This process is the Ray driver (planning, a few MB of metadata); Ray worker processes decode and
+    pack whole shards; the rows come back as Arrow buffers. Training epoch ``e`` is pack epoch ``e``
+    (fresh resolution and drop draws every epoch). Under DDP each rank builds every W-th shard of the
+    same deterministic plan. Ray is imported here, never at import time."""
+    from packer import pipeline
+    from packer.layout import shard_tasks
+
+    plan0 = pipeline.plan_epoch(images, pack_config, 0, ray_address=ray_address, workers=workers)
+    labels = np.asarray(getattr(plan0, "label", np.zeros(0)), dtype=np.int64)
+    classes = list(getattr(plan0, "classes", []) or [])
+    num_classes = max(len(classes), int(labels.max()) + 1 if labels.size else 0)
+
+    def epoch_rows(epoch: int) -> Iterator[pa.RecordBatch]:
+        plan = (
+            plan0 if epoch == 0 else pipeline.plan_epoch(images, pack_config, epoch, ray_address=ray_address)
+        )
+        if world_size == 1:
+            yield from pipeline.stream_epoch(
+                plan, pack_config, epoch, workers=workers, ray_address=ray_address
+            )
+            return
+        tasks = shard_tasks(plan, pack_config.seed, pipeline.resolved_shard_rows(pack_config))
+        mine = tasks[rank::world_size]
+        for _meta, data in pipeline.run_shard_tasks(
+            mine, pack_config, out=None, return_data=True, workers=workers, ray_address=ray_address
+        ):
+            pf = pq.ParquetFile(pa.BufferReader(data))
+            for g in range(pf.num_row_groups):
+                yield from pf.read_row_group(g).combine_chunks().to_batches()
 
     def epoch_batches(epoch: int, start_row: int) -> Iterator[pa.RecordBatch]:
+        # Resume: the epoch's rows are deterministic, so skip the ones already consumed.
         skip = start_row
-        for rb in pipeline.stream_epoch(images, pack_config, epoch=epoch, rank=rank, world_size=world_size):
+        for rb in epoch_rows(epoch):
             if skip >= rb.num_rows:
                 skip -= rb.num_rows
                 continue
             yield rb.slice(skip) if skip else rb
             skip = 0
 
-    return RecordBatchSource(
+    src = RecordBatchSource(
         epoch_batches,
         batch_size,
         pack_config.packing.seq_len,
         pack_config.packing.patch_size,
-        int(info.get("num_classes", 0)),
-        description=f"live {images}",
+        num_classes,
+        description=f"live {images} (config {pack_config.fingerprint()})",
         prefetch=prefetch,
         pin_memory=pin_memory,
     )
+    src.class_names = classes or None
+    return src
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def train(
         "data": _data_fingerprint(source),
         "seq_len": source.seq_len,
         "patch_size": source.patch_size,
-        "class_names": class_names,
+        "class_names": class_names or getattr(source, "class_names", None),
     }
 
     def save(at: int) -> Path | None:
