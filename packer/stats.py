@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,8 @@ IMAGES_COLUMNS = [
 ]
 # How many disagreements of one kind are spelled out before "... and N more".
 MAX_LISTED = 5
+# Shards read at once (threads; capped so a big machine does not thrash one disk).
+READ_THREADS = min(4, os.cpu_count() or 1)
 # Rows of segment layout kept for the plot's layout strip.
 LAYOUT_ROWS = 24
 
@@ -137,6 +141,42 @@ def _layout_problems(seg: np.ndarray, counts: np.ndarray, n_seg: np.ndarray) -> 
     return int((not_ordered | empty | (changes != expected_runs)).sum())
 
 
+def _scan_shard(
+    data_dir: str, index: dict[str, Any], k: int, entry: dict[str, Any]
+) -> tuple[dict[str, np.ndarray] | None, list[str]]:
+    """One shard's metadata summary (no per-token arrays kept beyond the layout head) and its
+    problems against its index.json entry."""
+    seq_len = int(index["seq_len"])
+    name = entry.get("file", f"<shard {k}>")
+    try:
+        pf = schema.open_shard(data_dir, name)
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
+        return None, [f"{name}: listed in index.json but cannot be read ({_short(e)})"]
+    try:
+        schema.check_schema(pf.schema_arrow, index)
+    except DataError as e:
+        return None, [f"{name}: {e}"]
+    m = _read_shard_meta(pf, seq_len)
+    problems = []
+    rows = len(m["n_seg"])
+    images = int(m["n_seg"].sum())
+    m["row_real"] = seq_len - m["counts"][:, 0]
+    real = int(m["row_real"].sum())
+    for key, have in (("rows", rows), ("images", images), ("real_tokens", real)):
+        if key in entry and int(entry[key]) != have:
+            problems.append(f"{name}: index.json says {key}={entry[key]}, the shard has {have}")
+    bad_layout = _layout_problems(m["seg"], m["counts"], m["n_seg"])
+    if bad_layout:
+        problems.append(
+            f"{name}: {bad_layout} row(s) whose segment_ids are not contiguous 1..k with padding last"
+        )
+    if m["unlisted_tokens"]:
+        problems.append(f"{name}: {m['unlisted_tokens']} tokens carry a segment id with no image listed")
+    m["head"] = m.pop("seg")[:LAYOUT_ROWS].copy()
+    del m["counts"]
+    return m, problems
+
+
 def load_pack(data_dir: str) -> PackData:
     """Read a pack's metadata. Missing or unreadable shards become consistency problems, not errors;
     a missing or invalid index.json is a DataError (not a pack)."""
@@ -146,49 +186,30 @@ def load_pack(data_dir: str) -> PackData:
     per_shard: list[dict[str, np.ndarray]] = []
     shard_no: list[int] = []
     shard_epoch: list[int] = []
-    for k, entry in enumerate(index["shards"]):
-        name = entry.get("file", f"<shard {k}>")
-        try:
-            pf = schema.open_shard(data_dir, name)
-        except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
-            problems.append(f"{name}: listed in index.json but cannot be read ({_short(e)})")
-            continue
-        try:
-            schema.check_schema(pf.schema_arrow, index)
-        except DataError as e:
-            problems.append(f"{name}: {e}")
-            continue
-        m = _read_shard_meta(pf, seq_len)
-        rows = len(m["n_seg"])
-        images = int(m["n_seg"].sum())
-        real = int(rows * seq_len - m["counts"][:, 0].sum())
-        for key, have in (("rows", rows), ("images", images), ("real_tokens", real)):
-            if key in entry and int(entry[key]) != have:
-                problems.append(f"{name}: index.json says {key}={entry[key]}, the shard has {have}")
-        bad_layout = _layout_problems(m["seg"], m["counts"], m["n_seg"])
-        if bad_layout:
-            problems.append(
-                f"{name}: {bad_layout} row(s) whose segment_ids are not contiguous 1..k with padding last"
-            )
-        if m["unlisted_tokens"]:
-            problems.append(f"{name}: {m['unlisted_tokens']} tokens carry a segment id with no image listed")
-        per_shard.append(m)
-        # Shard numbers in images.parquet are the shard's position in index.json (= its file number).
-        shard_no.append(k)
-        shard_epoch.append(int(entry.get("epoch", 0)))
+    # Shards are read in a small thread pool: Parquet decoding and the numpy passes release the GIL.
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        results = pool.map(lambda ke: _scan_shard(data_dir, index, *ke), enumerate(index["shards"]))
+        for k, (m, shard_problems) in enumerate(results):
+            problems += shard_problems
+            if m is None:
+                continue
+            per_shard.append(m)
+            # Shard numbers in images.parquet are the shard's position in index.json (= its file number).
+            shard_no.append(k)
+            shard_epoch.append(int(index["shards"][k].get("epoch", 0)))
 
     def cat(key: str, dtype: Any) -> np.ndarray:
         return np.concatenate([m[key] for m in per_shard]).astype(dtype) if per_shard else np.zeros(0, dtype)
 
     n_seg = cat("n_seg", np.int64)
     rows_per = [len(m["n_seg"]) for m in per_shard]
-    row_real = np.concatenate([seq_len - m["counts"][:, 0] for m in per_shard]) if per_shard else n_seg
+    row_real = cat("row_real", np.int64)
     row_epoch = np.repeat(np.array(shard_epoch, np.int64), rows_per)
     row_in_shard = np.concatenate([np.arange(r) for r in rows_per]) if per_shard else n_seg
     row_shard = np.repeat(np.array(shard_no, np.int64), rows_per)
     starts = np.cumsum(n_seg) - n_seg
     segment = np.arange(int(n_seg.sum())) - np.repeat(starts, n_seg) + 1
-    layout = np.concatenate([m["seg"] for m in per_shard])[:LAYOUT_ROWS] if per_shard else np.zeros((0, 0))
+    layout = np.concatenate([m["head"] for m in per_shard])[:LAYOUT_ROWS] if per_shard else np.zeros((0, 0))
     data = PackData(
         dir=data_dir,
         index=index,
