@@ -235,7 +235,11 @@ def _histogram(lengths: np.ndarray, L: int, M: int) -> tuple[np.ndarray, np.ndar
         if len(act) == 0:
             break
         seeds = _bfd_patterns(vals[act], left[act], L, M)
-        lp = solve_cutting_stock(vals[act], left[act], L, M, seed_patterns=seeds, max_iter=4 * len(act) + 200)
+        # Pivot budget: converge fully for small histograms; with ~1000 distinct lengths each pivot
+        # costs O(m^2), so stop early and let best fit handle what the rounded patterns leave.
+        m = len(act)
+        budget = min(50 * m + 500, 400_000_000 // (m * m) + 200)
+        lp = solve_cutting_stock(vals[act], left[act], L, M, seed_patterns=seeds, max_iter=budget)
         copies = np.floor(lp.x + 1e-7).astype(np.int64)  # whole patterns only; the rest goes on
         if copies.sum() == 0:
             break
