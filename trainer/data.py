@@ -463,6 +463,9 @@ class ShardSource:
         self.seq_len, self.patch_size = self.shards.seq_len, self.shards.patch_size
         self.num_classes = self.shards.num_classes
         self.class_names = self.shards.class_names
+        # Identity of the data for --resume: the shards' checksums, wherever the pack now lives.
+        digests = "".join(e["sha256"] for e in self.shards.index["shards"])
+        self.fingerprint = f"pack:{schema.sha256_bytes(digests.encode())[:16]}"
         self.description = self.description or f"shards {self.shards.root}"
 
     def stream(self, start: DataPosition = DataPosition()) -> ShardStream:

@@ -96,7 +96,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def _data_fingerprint(source: BatchSource) -> str:
-    return f"{source.description} seq_len={source.seq_len} patch={source.patch_size}"
+    ident = getattr(source, "fingerprint", None) or source.description
+    return f"{ident} seq_len={source.seq_len} patch={source.patch_size}"
 
 
 def train(
