@@ -326,6 +326,8 @@ def select_tokens(arr: np.ndarray, patch_size: int, keep: np.ndarray) -> Tokens:
 
 def kept_indices(seed: int, epoch: int, key: str, n_full: int, n_kept: int) -> np.ndarray:
     """Which tokens of the row-major grid are kept: decided by packer.sampling from the seed."""
+    if n_kept == n_full:  # nothing dropped: every index, sorted (no draw needed)
+        return np.arange(n_full, dtype=np.int64)
     from packer.sampling import kept_token_indices
 
     keep = np.asarray(kept_token_indices(seed, epoch, key, n_full, n_kept), dtype=np.int64)
