@@ -1,0 +1,226 @@
+"""Header scan: native width, height (after EXIF orientation) and format of every input, no pixel decoded.
+
+``PIL.Image.open`` only parses the header; the EXIF orientation is read from the raw EXIF block the
+header parser already holds (``img.info['exif']``, or the TIFF tag), never through ``getexif()``,
+which for a PNG whose EXIF follows the pixel data would decode the whole image. Orientations 5-8 swap
+width and height. Rejection reasons use the same words as :mod:`packer.decode`, so a plan's and a
+pack's rejection counts line up.
+
+Two entry points with identical results: :func:`scan_headers_local` (a plain loop; tests, tiny
+inputs, re-checks) and :func:`scan_headers` (Ray Data ``map_batches`` over the file list, joining a
+cluster or starting embedded Ray; results sorted by image_id, so worker count does not matter).
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from packer.decode import EXIF_ORIENTATION, _one_line, _unsupported_format
+
+# Below this many files, the Ray start-up (seconds) costs more than the scan itself.
+RAY_MIN_FILES = 512
+_BATCH = 256  # files per Ray Data batch
+
+
+class HeaderError(Exception):
+    """A header that cannot be read; ``reason`` is one user-readable line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Headers:
+    """Per-input header fields, parallel arrays in image_id order. ``reason[i] != ''`` = rejected."""
+
+    image_id: np.ndarray  # int64 (n,)
+    width: np.ndarray  # int32 (n,), after EXIF orientation; -1 when rejected
+    height: np.ndarray  # int32 (n,)
+    orientation: np.ndarray  # int8 (n,), EXIF orientation 1..8 (1 when absent)
+    format: list[str]  # Pillow format name ('JPEG', 'PNG', 'WEBP', ...), '' when rejected
+    reason: list[str]  # '' = ok
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([not r for r in self.reason], dtype=bool)
+
+
+def _open_stream(path: str) -> Any:
+    if "://" in path and not path.startswith("file://"):
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs.open_input_file(inner)  # random access: Pillow seeks within the header
+    return open(path[len("file://") :] if path.startswith("file://") else path, "rb")
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1-8) from the header's raw EXIF block; 1 when absent or unreadable."""
+    try:
+        if img.format == "TIFF":
+            o = img.tag_v2.get(EXIF_ORIENTATION, 1)  # type: ignore[attr-defined]
+        else:
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            o = exif.get(EXIF_ORIENTATION, 1)
+        o = int(o)
+    except Exception:  # a malformed EXIF block must not reject an otherwise good image
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
+    """(width, height, orientation, format) of one file, width/height as displayed (after EXIF
+    orientation). Raises HeaderError with the reason. Reads only the header bytes."""
+    try:
+        f = _open_stream(path)
+    except FileNotFoundError:
+        raise HeaderError("unreadable path: file not found") from None
+    except PermissionError:
+        raise HeaderError("unreadable path: permission denied") from None
+    except IsADirectoryError:
+        raise HeaderError("unreadable path: is a directory") from None
+    except OSError as e:
+        raise HeaderError(f"unreadable path: {_one_line(e)}") from None
+    with f:
+        try:
+            head = f.read(16)
+            f.seek(0)
+        except OSError as e:
+            raise HeaderError(f"unreadable path: {_one_line(e)}") from None
+        if not head:
+            raise HeaderError("zero-byte file")
+        missing = _unsupported_format(head)
+        if missing:
+            raise HeaderError(missing)
+        try:
+            with warnings.catch_warnings():
+                # The limit that counts is decode.max_pixels below, checked on the header's size.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f)
+                w, h = img.size
+                fmt = img.format or ""
+                orientation = _orientation(img)
+        except Image.DecompressionBombError:
+            raise HeaderError(
+                f"decompression bomb: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels "
+                f"(Pillow's hard limit; decode.max_pixels is {max_pixels})"
+            ) from None
+        except UnidentifiedImageError:
+            raise HeaderError("not an image (unrecognised file format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+            raise HeaderError(f"corrupt image header: {_one_line(e)}") from None
+    if w <= 0 or h <= 0:
+        raise HeaderError(f"corrupt image header: size {w}x{h}")
+    if w * h > max_pixels:
+        raise HeaderError(f"decompression bomb: {w}x{h} = {w * h} pixels > decode.max_pixels ({max_pixels})")
+    if orientation >= 5:
+        w, h = h, w
+    return w, h, orientation, fmt
+
+
+def _scan_rows(image_ids: np.ndarray, paths: Sequence[str], max_pixels: int) -> dict[str, Any]:
+    n = len(paths)
+    out: dict[str, Any] = {
+        "image_id": np.asarray(image_ids, dtype=np.int64),
+        "width": np.full(n, -1, np.int32),
+        "height": np.full(n, -1, np.int32),
+        "orientation": np.ones(n, np.int8),
+        "format": [""] * n,
+        "reason": [""] * n,
+    }
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or max_pixels):
+        Image.MAX_IMAGE_PIXELS = max_pixels  # a user who raised decode.max_pixels means it
+    for i, p in enumerate(paths):
+        try:
+            w, h, o, fmt = read_header(p, max_pixels)
+        except HeaderError as e:
+            out["reason"][i] = e.reason
+            continue
+        except Exception as e:  # never lose an image to an unexpected decoder error: record it
+            out["reason"][i] = f"corrupt image header: {type(e).__name__}: {_one_line(e)}"
+            continue
+        out["width"][i], out["height"][i], out["orientation"][i], out["format"][i] = w, h, o, fmt
+    return out
+
+
+def scan_headers_local(
+    image_ids: Sequence[int] | np.ndarray, paths: Sequence[str], max_pixels: int
+) -> Headers:
+    """Read every header in this process, in order."""
+    return Headers(**_scan_rows(np.asarray(image_ids, np.int64), list(paths), max_pixels))
+
+
+def _header_udf(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, np.ndarray]:
+    out = _scan_rows(batch["image_id"], [str(p) for p in batch["path"]], max_pixels)
+    out["format"] = np.array(out["format"], dtype=object)
+    out["reason"] = np.array(out["reason"], dtype=object)
+    return out
+
+
+def scan_headers(
+    image_ids: Sequence[int] | np.ndarray,
+    paths: Sequence[str],
+    max_pixels: int,
+    *,
+    ray_address: str | None = None,
+    workers: int | None = None,
+    use_ray: bool | None = None,
+) -> Headers:
+    """Read every header, through Ray Data when ``use_ray`` (default: ``len(paths) >= RAY_MIN_FILES``
+    or a Ray address was given). ``workers`` caps the CPUs (embedded Ray) and concurrent tasks."""
+    ids = np.asarray(image_ids, np.int64)
+    if use_ray is None:
+        use_ray = ray_address is not None or len(paths) >= RAY_MIN_FILES
+    if not use_ray or len(paths) == 0:
+        return scan_headers_local(ids, paths, max_pixels)
+
+    import pyarrow as pa
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    from packer.ray_runtime import ensure_ray
+
+    ensure_ray(ray_address, workers)
+    table = pa.table({"image_id": pa.array(ids, pa.int64()), "path": pa.array(list(paths), pa.string())})
+    blocks = max(1, -(-len(paths) // _BATCH))
+    ds = ray.data.from_arrow(table).repartition(blocks)
+    ds = ds.map_batches(
+        _header_udf,
+        batch_size=_BATCH,
+        batch_format="numpy",
+        fn_kwargs={"max_pixels": max_pixels},
+        num_cpus=1,
+        compute=TaskPoolStrategy(size=workers) if workers else None,
+        udf_modifying_row_count=False,
+    )
+    result = ds.to_arrow_refs()
+    tables = [t for t in ray.get(result) if t.num_rows]
+    merged = pa.concat_tables(tables) if tables else None
+    if merged is None or merged.num_rows != len(paths):
+        got = 0 if merged is None else merged.num_rows
+        raise RuntimeError(f"header scan returned {got} rows for {len(paths)} files")
+    order = np.argsort(merged.column("image_id").to_numpy(), kind="stable")  # deterministic order
+    merged = merged.take(pa.array(order))
+    return Headers(
+        image_id=merged.column("image_id").to_numpy().astype(np.int64),
+        width=merged.column("width").to_numpy().astype(np.int32),
+        height=merged.column("height").to_numpy().astype(np.int32),
+        orientation=merged.column("orientation").to_numpy().astype(np.int8),
+        format=[str(x) for x in merged.column("format").to_pylist()],
+        reason=[str(x) for x in merged.column("reason").to_pylist()],
+    )
