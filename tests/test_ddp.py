@@ -1,5 +1,15 @@
 """2-process DDP on CPU (gloo) matches one process fed the same global batches.
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads that
+    # spin-wait for each other make every op many times slower: use one, restore afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 The reference run sees, at step k, rank 0's batch k and rank 1's batch k concatenated (the global
 batch); the loss is averaged per image over both, so the two runs compute the same function and
 differ only by floating-point reduction order."""

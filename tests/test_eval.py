@@ -7,10 +7,21 @@ import json
 import sys
 
 import pytest
+import torch
 from train_fixtures import trained_run, write_image_folder
 
 from packer.errors import NavitError
 from trainer.evaluate import parse_resolutions, target_grid
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads that
+    # spin-wait for each other make every op many times slower: use one, restore afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _cli(argv, capsys):

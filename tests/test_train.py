@@ -17,6 +17,17 @@ from trainer.data import open_source
 from trainer.evaluate import _Accumulator, load_model, pack_rows, packed_to_rows
 from trainer.loop import train
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads that
+    # spin-wait for each other make every op many times slower: use one, restore afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # 4 balanced classes: chance is 25%.
 CHANCE = 0.25
 LEARNED = 0.6

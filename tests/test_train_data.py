@@ -25,6 +25,16 @@ from trainer.data import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads that
+    # spin-wait for each other make every op many times slower: use one, restore afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory) -> Path:
     images, labels = make_images(120, seed=1)
