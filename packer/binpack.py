@@ -78,14 +78,19 @@ def lp_bound(lengths: np.ndarray, seq_len: int, max_images: int | None = None) -
     vals, counts = np.unique(lengths, return_counts=True)
     vals, counts = vals[::-1], counts[::-1]
     cap = int(max_images) if max_images is not None else int(seq_len)  # seq_len items of >= 1 token
-    seeds = _bfd_patterns(vals, counts, int(seq_len), cap)
+    seeds, _ = _bfd_patterns(vals, counts, int(seq_len), cap)
     return solve_cutting_stock(vals, counts, int(seq_len), cap, seed_patterns=seeds).bound
 
 
-def _bfd_patterns(vals: np.ndarray, counts: np.ndarray, L: int, M: int, limit: int = 2000) -> np.ndarray:
+def _bfd_patterns(
+    vals: np.ndarray, counts: np.ndarray, L: int, M: int, limit: int = 2000
+) -> tuple[np.ndarray, float]:
     """Distinct patterns (K, m) of a best-fit-decreasing packing of the histogram (vals descending),
-    the ``limit`` most frequent first: a good, cheap starting pool for column generation."""
+    the ``limit`` most frequent first (a good, cheap starting pool for column generation), and that
+    packing's mean padding tokens per sequence."""
     bins, q = bfd_groups(vals, counts, L, M, [], [], [])
+    n_bins = max(bins) + 1
+    mean_waste = (n_bins * L - float(vals @ counts)) / n_bins
     item_bin = np.repeat(np.array(bins, dtype=np.int64), q)  # (n,) in sorted order
     group = np.repeat(np.arange(len(vals), dtype=np.int32), counts)  # (n,) length index
     order = np.lexsort((group, item_bin))
@@ -100,7 +105,7 @@ def _bfd_patterns(vals: np.ndarray, counts: np.ndarray, L: int, M: int, limit: i
     out = np.zeros((len(keys), len(vals)), dtype=np.int64)
     for i, k in enumerate(keys):
         np.add.at(out[i], np.frombuffer(k, dtype=np.int32), 1)
-    return out
+    return out, mean_waste
 
 
 def pack(
@@ -234,13 +239,17 @@ def _histogram(lengths: np.ndarray, L: int, M: int) -> tuple[np.ndarray, np.ndar
         act = np.flatnonzero(left > 0)
         if len(act) == 0:
             break
-        seeds = _bfd_patterns(vals[act], left[act], L, M)
+        seeds, bfd_waste = _bfd_patterns(vals[act], left[act], L, M)
         # Pivot budget: converge fully for small histograms; with ~1000 distinct lengths each pivot
         # costs O(m^2), so stop early and let best fit handle what the rounded patterns leave.
         m = len(act)
         budget = min(50 * m + 500, 400_000_000 // (m * m) + 200)
         lp = solve_cutting_stock(vals[act], left[act], L, M, seed_patterns=seeds, max_iter=budget)
         copies = np.floor(lp.x + 1e-7).astype(np.int64)  # whole patterns only; the rest goes on
+        if not lp.optimal:
+            # Out of pivots: the basis may still hold poor starting patterns. Keep only patterns that
+            # waste no more than best fit does on average, so rounding never does worse than BFD.
+            copies[L - lp.patterns @ vals[act] > bfd_waste] = 0
         if copies.sum() == 0:
             break
         # Deterministic pattern order: as returned (basis order), each copied `copies[p]` times.
