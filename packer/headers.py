@@ -193,15 +193,17 @@ def scan_headers(
     import ray
     from ray.data import TaskPoolStrategy
 
-    from packer.ray_runtime import ensure_ray
+    from packer.ray_runtime import available_cpus, ensure_ray
 
     ensure_ray(ray_address, workers)
+    # About four batches per CPU (load balance), 16..256 files each (task overhead vs. stragglers).
+    cpus = workers or available_cpus()
+    batch = int(min(_BATCH, max(16, -(-len(paths) // (4 * cpus)))))
     table = pa.table({"image_id": pa.array(ids, pa.int64()), "path": pa.array(list(paths), pa.string())})
-    blocks = max(1, -(-len(paths) // _BATCH))
-    ds = ray.data.from_arrow(table).repartition(blocks)
+    ds = ray.data.from_arrow([table.slice(s, batch) for s in range(0, len(paths), batch)])
     ds = ds.map_batches(
         _header_udf,
-        batch_size=_BATCH,
+        batch_size=batch,
         batch_format="numpy",
         fn_kwargs={"max_pixels": max_pixels},
         num_cpus=1,
