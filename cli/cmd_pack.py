@@ -44,6 +44,8 @@ class _Reporter:
 
     # packer.pipeline.Progress protocol -------------------------------------------------------------
     def epoch_planned(self, epoch: int, epochs: int, plan: Any, n_shards: int, reused: int) -> None:
+        if epoch == 0:
+            self.t0 = time.perf_counter()  # rates and ETA count from the first shard task, not planning
         self.shards_total += n_shards
         self.images_total += len(plan.image_id)
         msg = (

@@ -344,11 +344,19 @@ def pack(
     epochs: list[EpochRecord] = []
     next_shard = 0
     built = reused = 0
+    scan = None
+    if planner is None:
+        from packer.plan import scan_source
+
+        # Headers are read once; each epoch only re-draws sizes and drops (cheap, no I/O).
+        scan = scan_source(source, cfg, ray_address=ray_address, workers=workers)
     for e in range(cfg.output.epochs):
         if planner is not None:
             plan = planner(source, cfg, e)
         else:
-            plan = plan_epoch(source, cfg, e, ray_address=ray_address, workers=workers)
+            from packer.plan import make_plan
+
+            plan = make_plan(scan, cfg, e)
         _check_plan(plan, cfg, e)
         tasks = shard_tasks(plan, cfg.seed, shard_rows, first_shard=next_shard)
         record = EpochRecord(e, plan)

@@ -24,12 +24,12 @@ from packer.errors import NavitError
 from packer.pipeline import pack, stream_epoch
 from packer.plan_types import Plan, Rejection
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts Ray and its workers (10-30 s on 2 busy cores)
 
 SEQ_LEN, P = 64, 16
 
 
-def hand_plan(root: str, cfg: PackConfig, epoch: int, side: int = 64, drop: bool = False) -> Plan:
+def hand_plan(root: str, cfg: PackConfig, epoch: int, side: int = 64, drop: bool = True) -> Plan:
     """A small deterministic plan: longer side drawn in [side/2, 1.25 side] px and up to half the
     tokens dropped (both seeded by seed, epoch, image), next-fit packing. Unreadable headers become
     plan-time rejections."""
@@ -341,3 +341,33 @@ def test_live_stream_equals_written_shards(src, packed):
         written = pa.concat_tables(pq.read_table(out / f) for f in files)
         assert live.equals(written, check_metadata=True)
         assert sum(r.images for r in seen) == sum(len(x) for x in written.column("image_ids").to_pylist())
+
+
+def test_cli_pack_with_the_real_planner(tmp_path, ray_session):
+    """`navit pack` end to end: synth folder → pack → summary; refusal without --resume; a resume of
+    a complete pack verifies every shard and rebuilds none."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from packer.synth import generate
+
+    generate(tmp_path / "img", n=18, seed=1, threads=1)
+    (tmp_path / "img" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    args = ["pack", str(tmp_path / "img"), "--out", str(out), "--seq-len", "64", "--patch-size", "16"]
+    args += ["--resolution", "uniform:32:96", "--token-drop", "constant:0.25", "--shard-rows", "2"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    assert "19 in = 18 packed + 1 rejected" in res.output
+    index = schema.read_index(str(out))
+    assert index["config"]["token_drop"]["kind"] == "constant"
+    assert index["classes"] == ["checker", "circle", "cross", "square", "stripes", "triangle"]
+    assert schema.verify_shards(str(out), index) == []
+    before = tree(out)
+    res = runner.invoke(app, args)
+    assert isinstance(res.exception, NavitError) and "--resume" in str(res.exception)
+    res = runner.invoke(app, [*args, "--resume", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"0 built, {len(index['shards'])} verified and kept" in res.output
+    assert tree(out) == before

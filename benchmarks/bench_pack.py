@@ -1,0 +1,258 @@
+"""Benchmark of the `navit pack` execution stage on real >1 MP JPEG photos (run by hand).
+
+Makes 1-3 MP JPEGs (quality 90) by upscaling the CC0 WebP photos in ../shared/data/gcompris-cc0 into a
+temp dir (nothing committed), then measures, at target longer side 256 and 512 (patch 16):
+
+  (i)   full-decode floor: a bare loop of ``Image.open(f).convert("RGB")``;
+  (ii)  a bare loop of navit's per-image work without Ray: read, draft, decode, resize, patchify
+        (``packer.decode.load_resized`` + ``patchify``), one core;
+  (iii) the pack pipeline (Ray Data, one task per shard, Parquet serialisation, atomic writes) with
+        1 and 2 workers, on a precomputed plan (planning is a separate, header-only stage; its time is
+        reported by the planner's own benchmark).
+
+Reports images/s, MB/s of JPEG input, per-core rates, and peak RSS (driver + Ray workers, sampled).
+
+    .venv/bin/python benchmarks/bench_pack.py [--n 218] [--sides 256,512] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from packer import decode  # noqa: E402
+from packer.config import PackConfig  # noqa: E402
+from packer.plan_types import Plan  # noqa: E402
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gcompris-cc0"
+P = 16
+SEQ_LEN = 1024
+
+
+def make_jpegs(out: Path, n: int, copies: int = 1, seed: int = 0) -> list[Path]:
+    """Upscale the CC0 WebPs to an area uniform in [1, 3] MP and save as JPEG q90 (``copies`` times
+    each, at different random sizes, so runs are long enough to amortise fixed start-up costs)."""
+    srcs = sorted(PHOTOS.rglob("*.webp"))[:n]
+    if not srcs:
+        sys.exit(f"no WebP photos under {PHOTOS}")
+    rng = np.random.default_rng(seed)
+    files = []
+    for k, s in enumerate(srcs * copies):
+        img = Image.open(s).convert("RGB")
+        area = rng.uniform(1.0e6, 3.0e6)
+        scale = (area / (img.width * img.height)) ** 0.5
+        big = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+        f = out / s.parent.name / f"{k:04d}.jpg"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        big.save(f, "JPEG", quality=90)
+        files.append(f)
+    return files
+
+
+def grid_for(w: int, h: int, side: int) -> tuple[int, int]:
+    s = side / max(w, h)
+    return max(1, round(h * s / P)), max(1, round(w * s / P))
+
+
+def simple_plan(files: list[Path], root: Path, side: int, epoch: int = 0) -> Plan:
+    """Longer side = ``side``, no dropping, next-fit into SEQ_LEN: enough to drive the executor."""
+    rows = []
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            w, h = im.size
+        gh, gw = grid_for(w, h, side)
+        rows.append((i, str(f), f.relative_to(root).as_posix(), h, w, gh, gw))
+    seqs, cur, used = [], [], 0
+    for k, r in enumerate(rows):
+        n = r[5] * r[6]
+        if cur and (used + n > SEQ_LEN or len(cur) >= 64):
+            seqs.append(cur)
+            cur, used = [], 0
+        cur.append(k)
+        used += n
+    seqs.append(cur)
+    off = np.zeros(len(seqs) + 1, np.int64)
+    off[1:] = np.cumsum([len(s) for s in seqs])
+    nfull = np.array([r[5] * r[6] for r in rows], np.int32)
+    return Plan(
+        epoch=epoch,
+        seq_len=SEQ_LEN,
+        patch_size=P,
+        image_id=np.arange(len(rows), dtype=np.int64),
+        path=[r[1] for r in rows],
+        key=[r[2] for r in rows],
+        label=np.zeros(len(rows), np.int64),
+        orig_h=np.array([r[3] for r in rows], np.int32),
+        orig_w=np.array([r[4] for r in rows], np.int32),
+        grid_h=np.array([r[5] for r in rows], np.int32),
+        grid_w=np.array([r[6] for r in rows], np.int32),
+        n_full=nfull,
+        n_kept=nfull.copy(),
+        seq_offsets=off,
+        seq_members=np.array([m for s in seqs for m in s], np.int64),
+    )
+
+
+class PeakRSS:
+    """Samples the RSS of this process and all its descendants (Ray's raylet and workers) every 50 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=218)
+    ap.add_argument("--sides", default="256,512")
+    ap.add_argument("--copies", type=int, default=3, help="JPEGs made per source photo")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--shard-rows", type=int, default=4)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    from packer.pipeline import pack
+    from packer.ray_runtime import ensure_ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="navit-bench-pack-"))
+    try:
+        t0 = time.perf_counter()
+        files = make_jpegs(tmp / "jpeg", args.n, args.copies)
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        mp = np.mean([np.prod(Image.open(f).size) for f in files]) / 1e6
+        print(f"{len(files)} JPEGs, {mb:.1f} MB, mean {mp:.2f} MP (made in {time.perf_counter() - t0:.1f}s)")
+        machine = f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        results: dict = {
+            "machine": machine,
+            "images": len(files),
+            "input_mb": round(mb, 1),
+            "mean_mp": round(mp, 2),
+        }
+
+        def full_decode() -> None:
+            for f in files:
+                Image.open(f).convert("RGB")
+
+        dt = best_of(full_decode, args.repeat)
+        results["full_decode"] = {"images_s": len(files) / dt, "mb_s": mb / dt}
+        print(f"(i)  full decode loop      {len(files) / dt:8.1f} images/s  {mb / dt:7.1f} MB/s  (1 core)")
+
+        ensure_ray(num_cpus=os.cpu_count())
+        cfg0 = PackConfig()
+        # Warm-up: start Ray's workers and import navit in them (not timed).
+        warm = simple_plan(files[:8], tmp / "jpeg", 64)
+        warm_cfg = PackConfig.model_validate({"packing": {"seq_len": SEQ_LEN}, "output": {"shard_rows": 1}})
+        for w in (1, 2):
+            pack(str(tmp / "jpeg"), str(tmp / f"warm{w}"), warm_cfg, workers=w, planner=lambda *a: warm)
+        for side in [int(s) for s in args.sides.split(",")]:
+            plan = simple_plan(files, tmp / "jpeg", side)
+            grids = [(int(a), int(b)) for a, b in zip(plan.grid_h, plan.grid_w, strict=True)]
+
+            def loop(grids=grids) -> None:
+                for f, (gh, gw) in zip(files, grids, strict=True):
+                    decode.patchify(decode.load_resized(str(f), gh, gw, P, cfg0.decode), P)
+
+            dt = best_of(loop, args.repeat)
+            r = {"loop_images_s": len(files) / dt, "loop_mb_s": mb / dt, "sequences": plan.num_sequences}
+            ratio = r["loop_images_s"] / results["full_decode"]["images_s"]
+            print(
+                f"side {side}: (ii) draft+resize+patchify loop {len(files) / dt:8.1f} images/s "
+                f"{mb / dt:7.1f} MB/s  (1 core)  — {ratio:.2f}x the full-decode floor"
+            )
+            cfg = PackConfig.model_validate(
+                {"packing": {"seq_len": SEQ_LEN, "patch_size": P}, "output": {"shard_rows": args.shard_rows}}
+            )
+            for workers in (1, 2):
+                times, peaks = [], []
+                for rep in range(args.repeat):
+                    out = tmp / f"out-{side}-{workers}-{rep}"
+                    with PeakRSS() as rss:
+                        t0 = time.perf_counter()
+                        res = pack(
+                            str(tmp / "jpeg"),
+                            str(out),
+                            cfg,
+                            workers=workers,
+                            planner=lambda s, c, e, plan=plan: plan,
+                        )
+                        times.append(time.perf_counter() - t0)
+                    peaks.append(rss.peak)
+                    shard_mb = sum(e["rows"] for e in res.index["shards"]) * SEQ_LEN * P * P * 3 / 1e6
+                    shutil.rmtree(out)
+                dt = min(times)
+                r[f"pack_w{workers}"] = {
+                    "images_s": len(files) / dt,
+                    "images_s_per_core": len(files) / dt / workers,
+                    "mb_s": mb / dt,
+                    "mb_s_per_core": mb / dt / workers,
+                    "shards": len(res.index["shards"]),
+                    "shard_mb_written": round(shard_mb, 1),
+                    "peak_rss_mb": max(peaks) / 1e6,
+                }
+                print(
+                    f"side {side}: (iii) navit pack, {workers} worker(s) {len(files) / dt:8.1f} images/s "
+                    f"{mb / dt:7.1f} MB/s  ({len(files) / dt / workers:.1f} images/s/core), "
+                    f"{len(res.index['shards'])} shards, {shard_mb:.0f} MB written, "
+                    f"peak RSS {max(peaks) / 1e6:.0f} MB"
+                )
+            w1, w2 = r["pack_w1"]["images_s"], r["pack_w2"]["images_s"]
+            r["ray_overhead_vs_loop"] = 1 - w1 / r["loop_images_s"]
+            r["speedup_2_workers"] = w2 / w1
+            r["pack_w1_vs_full_decode"] = w1 / results["full_decode"]["images_s"]
+            print(
+                f"side {side}: pack(1 worker) = {r['pack_w1_vs_full_decode']:.2f}x full decode; "
+                f"Ray+write overhead vs loop (ii) {100 * r['ray_overhead_vs_loop']:.1f}%; "
+                f"2 workers = {w2 / w1:.2f}x one"
+            )
+            results[f"side_{side}"] = r
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
