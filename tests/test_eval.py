@@ -56,7 +56,7 @@ def test_eval_two_resolutions_json_and_plot(tmp_path_factory, tmp_path, capsys):
     assert all(r["images"] == 80 for r in res.values())
     # At native size (the training distribution: 16-32 px sides) the 4-class model is far above the
     # 25% of chance; top-5 with 4 classes is always 100%.
-    assert res["native"]["top1"] >= 0.6
+    assert res["native"]["top1"] >= 0.8
     assert res["native"]["top5"] == 1.0
     # Resizing so the longer side is 32 px changes the token count of images smaller than that.
     assert res["32"]["tokens_per_image"] > res["native"]["tokens_per_image"]

@@ -30,7 +30,7 @@ def _one_torch_thread():
 
 # 4 balanced classes: chance is 25%.
 CHANCE = 0.25
-LEARNED = 0.6
+LEARNED = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_tiny_model_learns_above_chance(tmp_path_factory):
     acc.add(net, rows, torch.device("cpu"))
     top1 = acc.top1 / acc.n
     # Held-out images of the 4 shape classes after 200 steps: well above the 25% of chance
-    # (measured about 0.9-1.0 on this fixture; asserted with margin).
+    # (measured 1.00 on this fixture with seed 0; asserted with margin).
     assert acc.n == 80 and top1 >= LEARNED > CHANCE, top1
 
 
@@ -143,3 +143,23 @@ def test_cli_train_writes_metrics_and_summary(tmp_path, capsys):
     meta = ck.load_checkpoint(tmp_path / "run").meta
     assert meta["config"]["seed"] == 3 and meta["config"]["optim"]["lr"] == 1e-3
     assert meta["data_positions"][0]["rows"] > 0 or meta["data_positions"][0]["epoch"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_live_mode_trains_a_few_steps(ray_session, tmp_path, capsys):
+    from packer.synth import generate
+
+    generate(tmp_path / "img", n=24, seed=0)
+    argv = ["train", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "run")]
+    argv += ["--steps", "3", "--batch-size", "2", "--warmup", "1", "--device", "cpu"]
+    argv += ["--seq-len", "64", "--patch-size", "16", "--resolution", "uniform:32:64"]
+    # --set keys go to the train config or the live pack config by their first segment.
+    argv += ["--set", "model.overrides={depth: 1, dim: 32, heads: 2}", "--set", "output.shard_rows=4"]
+    code, cap = _cli(argv, capsys)
+    assert code == 0, cap.err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["images"] > 0
+    meta = ck.load_checkpoint(tmp_path / "run").meta
+    assert meta["class_names"] == ["checker", "circle", "cross", "square", "stripes", "triangle"]
+    assert meta["model_config"]["num_classes"] == 6 and meta["seq_len"] == 64

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -511,7 +511,6 @@ class RecordBatchSource:
     pin_memory: bool = False
     max_epochs: int | None = None
     class_names: list[str] | None = None
-    _threads: list[threading.Thread] = field(default_factory=list, repr=False)
 
     def _rows(self, start: DataPosition) -> Iterator[tuple[Rows, DataPosition]]:
         epoch, row = start.epoch, start.rows
@@ -543,26 +542,30 @@ class RecordBatchSource:
         stop = threading.Event()
         done = object()
 
+        def put(item: Any) -> bool:
+            """Hand an item to the consumer; False once the consumer has gone."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce() -> None:
+            gen = self._batches(start)
             try:
-                for b in self._batches(start):
-                    if self.pin_memory:
-                        b = _pin(b)
-                    while not stop.is_set():
-                        try:
-                            q.put(b, timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                for b in gen:
+                    if not put(_pin(b) if self.pin_memory else b):
                         return
-                q.put(done)
+                put(done)
             except BaseException as e:  # surfaced in the consumer thread
-                q.put(e)
+                put(e)
+            finally:
+                gen.close()  # closes the producer's iterators (e.g. a Ray Data stream) in this thread
 
         t = threading.Thread(target=produce, name="navit-batches", daemon=True)
         t.start()
-        self._threads.append(t)
         try:
             while True:
                 item = q.get()
@@ -573,6 +576,9 @@ class RecordBatchSource:
                 yield item
         finally:
             stop.set()
+            # Let the producer finish its current item and close its stream before we return
+            # (e.g. before the caller shuts Ray down).
+            t.join(timeout=60)
 
 
 def open_source(
