@@ -39,18 +39,21 @@ def main() -> None:
     args = ap.parse_args()
     cfg = PackConfig.model_validate({"token_drop": {"kind": "beta", "mean": 0.25, "max": 0.5}})
     if args.dir:
-        for use_ray in (False, True):
+        runs = [(False, "local loop"), (True, "Ray Data incl. Ray start"), (True, "Ray Data, Ray running")]
+        for use_ray, how in runs:
             t = time.perf_counter()
             scan = scan_source(args.dir, cfg, use_ray=use_ray, workers=args.workers)
             t_scan = time.perf_counter() - t
             t = time.perf_counter()
             plan = make_plan(scan, cfg)
             t_plan = time.perf_counter() - t
-            how = f"Ray Data, {args.workers} workers (incl. Ray start)" if use_ray else "local loop"
+            how = how + (f", {args.workers} workers" if use_ray else "")
             print(
                 f"{args.dir}: {scan.images_in} images, header scan {t_scan:.2f} s ({how}), "
                 f"sample+pack {t_plan:.3f} s, {plan.num_sequences} sequences"
             )
+    if not args.n:
+        return
     t = time.perf_counter()
     scan = simulated_scan(args.n)
     print(f"simulated {args.n:,} images: built in {time.perf_counter() - t:.1f} s")

@@ -25,8 +25,11 @@ from PIL import Image, UnidentifiedImageError
 
 from packer.decode import EXIF_ORIENTATION, _one_line, _unsupported_format
 
-# Below this many files the embedded Ray start-up (5-30 s) costs more than a local loop (~2 ms/file).
-RAY_MIN_FILES = 4096
+# Below this many files, starting embedded Ray (5-30 s) costs more than a local loop: measured ~0.4 ms
+# per local file (page cache warm); object-store reads cost a round trip each (tens of ms), so URIs go
+# through Ray sooner.
+RAY_MIN_LOCAL_FILES = 50_000
+RAY_MIN_REMOTE_FILES = 1_000
 _BATCH = 256  # files per Ray Data batch
 
 
@@ -182,11 +185,14 @@ def scan_headers(
     workers: int | None = None,
     use_ray: bool | None = None,
 ) -> Headers:
-    """Read every header, through Ray Data when ``use_ray`` (default: ``len(paths) >= RAY_MIN_FILES``
-    or a Ray address was given). ``workers`` caps the CPUs (embedded Ray) and concurrent tasks."""
+    """Read every header, through Ray Data when ``use_ray`` (default: a Ray address was given, or
+    there are at least RAY_MIN_LOCAL_FILES local files / RAY_MIN_REMOTE_FILES URIs). ``workers``
+    caps the CPUs (embedded Ray) and the concurrent tasks."""
     ids = np.asarray(image_ids, np.int64)
     if use_ray is None:
-        use_ray = ray_address is not None or len(paths) >= RAY_MIN_FILES
+        remote = len(paths) > 0 and "://" in paths[0] and not paths[0].startswith("file://")
+        threshold = RAY_MIN_REMOTE_FILES if remote else RAY_MIN_LOCAL_FILES
+        use_ray = ray_address is not None or len(paths) >= threshold
     if not use_ray or len(paths) == 0:
         return scan_headers_local(ids, paths, max_pixels)
 
