@@ -198,6 +198,7 @@ def pack(
         sets=sets,
         extra={"output.shard_rows": shard_rows, "output.epochs": epochs},
     )
+    typer.echo(f"[pack] planning {source}: starting Ray, listing files, reading headers ...", err=True)
     reporter = _Reporter(tty=sys.stderr.isatty())
     try:
         result = run_pack(

@@ -60,6 +60,13 @@ def navit_version() -> str:
         return "unknown"
 
 
+def normalize_source(source: str) -> str:
+    """Local paths become absolute (so `pack imgs` and `pack ./imgs` are the same source); URIs stay."""
+    import os
+
+    return source if "://" in source else os.path.abspath(source)
+
+
 def resolved_shard_rows(cfg: PackConfig) -> int:
     return cfg.output.shard_rows or schema.default_shard_rows(cfg.packing.seq_len, cfg.packing.patch_size)
 
@@ -93,7 +100,8 @@ def _shard_udf(batch: pa.Table, cfg_json: str, out: str | None, return_data: boo
         schema.atomic_write_bytes(fs, schema.join(base, meta["file"]), data)
         # The sidecar lands after the shard: a shard without a sidecar is simply rebuilt on resume.
         sidecar = dict(meta, fingerprint=cfg.fingerprint())
-        schema.atomic_write_bytes(fs, schema.join(base, sidecar_name(result.shard)), _dumps(sidecar))
+        blob = json.dumps(sidecar, sort_keys=True, separators=(",", ":")).encode()
+        schema.atomic_write_bytes(fs, schema.join(base, sidecar_name(result.shard)), blob)
     return pa.table(
         {
             "shard": pa.array([result.shard], pa.int64()),
@@ -339,6 +347,7 @@ def pack(
     ``planner(source, cfg, epoch)`` overrides the default planner (tests build plans by hand)."""
     t0 = time.perf_counter()
     progress = progress or Progress()
+    source = normalize_source(source)
     fs, base = prepare_out_dir(out, cfg, source, resume)
     shard_rows = resolved_shard_rows(cfg)
     epochs: list[EpochRecord] = []
