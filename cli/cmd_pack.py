@@ -133,9 +133,12 @@ def render_summary(result: Any, out: str) -> str:
         f"  tokens      {t['real_tokens']} real, {t['padding_tokens']} padding "
         f"({100 * t['padding_fraction']:.2f}%)",
     ]
-    handled = t["images_packed"] + t["images_rejected_at_pack"]
-    if result.seconds > 0 and result.shards_built:
-        lines.append(f"  throughput  {handled / result.seconds:,.0f} images/s overall (planning included)")
+    if result.exec_seconds > 0 and result.shards_built:
+        lines.append(
+            f"  throughput  {result.images_built / result.exec_seconds:,.0f} images/s building shards "
+            f"({result.exec_seconds:.1f}s); start-up, planning and final files "
+            f"{result.seconds - result.exec_seconds:.1f}s"
+        )
     if result.rejected_by_reason:
         lines.append("  rejected by reason:")
         top = sorted(result.rejected_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -61,7 +61,8 @@ def navit_version() -> str:
 
 
 def normalize_source(source: str) -> str:
-    """Local paths become absolute (so `pack imgs` and `pack ./imgs` are the same source); URIs stay."""
+    """Local paths become absolute (so `pack imgs` and `pack ./imgs` are the same source, and workers
+    do not depend on the driver's cwd); URIs stay as they are."""
     import os
 
     return source if "://" in source else os.path.abspath(source)
@@ -131,9 +132,10 @@ def run_shard_tasks(
 
     from packer.ray_runtime import ensure_ray
 
+    # Ray Data logs every execution at INFO (and a warning about its disabled progress bars);
+    # navit reports progress itself.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ensure_ray(ray_address)
-    # Ray Data logs every execution at INFO; navit reports progress itself.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
     ds = ds.map_batches(
@@ -172,15 +174,23 @@ def stream_epoch(
     workers: int | None = None,
     ray_address: str | None = None,
     on_shard: Callable[[ShardResult], None] | None = None,
+    shard_rows: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Packed rows of one epoch, built on the fly and never written: one RecordBatch per Parquet row
     group (``schema.ROW_GROUP_ROWS`` rows), in shard order, with exactly :func:`schema.shard_schema`.
 
     The rows are byte-identical to what `navit pack` writes for the same source, config and seed
     (the bytes go through the same Parquet serialisation). ``source`` is a path/URI (planned here) or
-    a ready :class:`Plan`; ``on_shard`` receives each shard's metadata (placements, rejections)."""
-    plan = source if isinstance(source, Plan) else plan_epoch(source, cfg, epoch, ray_address=ray_address)
-    tasks = shard_tasks(plan, cfg.seed, resolved_shard_rows(cfg))
+    a ready :class:`Plan`; ``on_shard`` receives each shard's metadata (placements, rejections).
+
+    ``shard_rows`` (default: the config's) only sets the unit of work — smaller means more parallel
+    tasks and a faster first batch. Row contents do not depend on it (each row is built on its own);
+    only where RecordBatch boundaries fall does."""
+    if isinstance(source, Plan):
+        plan = source
+    else:
+        plan = plan_epoch(normalize_source(source), cfg, epoch, ray_address=ray_address, workers=workers)
+    tasks = shard_tasks(plan, cfg.seed, shard_rows or resolved_shard_rows(cfg))
     for meta, data in run_shard_tasks(
         tasks, cfg, out=None, return_data=True, workers=workers, ray_address=ray_address
     ):
@@ -327,8 +337,10 @@ class PackResult:
     index: dict[str, Any]
     shards_built: int
     shards_reused: int
-    seconds: float
+    seconds: float  # the whole call: Ray start-up, planning, shards, final files
     rejected_by_reason: dict[str, int]
+    exec_seconds: float = 0.0  # building shards (Ray Data jobs) only
+    images_built: int = 0  # images handled (packed or rejected at pack) in the shards built
 
 
 def pack(
@@ -347,12 +359,18 @@ def pack(
     ``planner(source, cfg, epoch)`` overrides the default planner (tests build plans by hand)."""
     t0 = time.perf_counter()
     progress = progress or Progress()
-    source = normalize_source(source)
+    # Absolute paths: Ray workers (possibly on other nodes) must not depend on the driver's cwd.
+    source, out = normalize_source(source), normalize_source(out)
     fs, base = prepare_out_dir(out, cfg, source, resume)
     shard_rows = resolved_shard_rows(cfg)
+    from packer.ray_runtime import ensure_ray
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ensure_ray(ray_address)  # up front, so its start-up is not counted as shard-building time
     epochs: list[EpochRecord] = []
     next_shard = 0
-    built = reused = 0
+    built = reused = images_built = 0
+    exec_seconds = 0.0
     scan = None
     if planner is None:
         from packer.plan import scan_source
@@ -381,12 +399,15 @@ def pack(
         for side in metas.values():
             progress.shard_done(side, reused=True)
         reused += len(metas)
+        t_exec = time.perf_counter()
         for meta, _ in run_shard_tasks(
             todo, cfg, out=out, return_data=False, workers=workers, ray_address=ray_address
         ):
             metas[meta["shard"]] = meta
             built += 1
+            images_built += int(meta["images"]) + len(meta["rejections"])
             progress.shard_done(meta, reused=False)
+        exec_seconds += time.perf_counter() - t_exec
         record.metas = [metas[json.loads(t)["shard"]] for t in tasks]
         epochs.append(record)
         next_shard += len(tasks)
@@ -401,7 +422,7 @@ def pack(
     index = build_index(cfg, source, epochs)
     schema.atomic_write_bytes(fs, schema.join(base, schema.INDEX_FILE), schema.dumps_index(index))
     progress.close()
-    return PackResult(index, built, reused, time.perf_counter() - t0, by_reason)
+    return PackResult(index, built, reused, time.perf_counter() - t0, by_reason, exec_seconds, images_built)
 
 
 def _check_plan(plan: Plan, cfg: PackConfig, epoch: int) -> None:

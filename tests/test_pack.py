@@ -333,7 +333,11 @@ def test_live_stream_equals_written_shards(src, packed):
     for epoch in (0, 1):
         plan = hand_plan(str(src[0]), cfg, epoch)
         seen = []
-        batches = list(stream_epoch(plan, cfg, epoch, workers=2, on_shard=seen.append))
+        # Epoch 1 with another unit of work: the rows are the same, only batch boundaries move.
+        rows_per_task = None if epoch == 0 else 3
+        batches = list(
+            stream_epoch(plan, cfg, epoch, workers=2, on_shard=seen.append, shard_rows=rows_per_task)
+        )
         assert all(same_schema(b.schema, schema.shard_schema(SEQ_LEN, P)) for b in batches)
         assert all(b.num_rows <= schema.ROW_GROUP_ROWS for b in batches)
         live = pa.Table.from_batches(batches)
