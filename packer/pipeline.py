@@ -175,30 +175,62 @@ def stream_epoch(
     ray_address: str | None = None,
     on_shard: Callable[[ShardResult], None] | None = None,
     shard_rows: int | None = None,
+    start_row: int = 0,
+    stop_row: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Packed rows of one epoch, built on the fly and never written: one RecordBatch per Parquet row
-    group (``schema.ROW_GROUP_ROWS`` rows), in shard order, with exactly :func:`schema.shard_schema`.
+    """Packed rows of one epoch, built on the fly and never written: RecordBatches of at most
+    ``schema.ROW_GROUP_ROWS`` rows (one per Parquet row group), in row order, with exactly
+    :func:`schema.shard_schema`.
 
     The rows are byte-identical to what `navit pack` writes for the same source, config and seed
     (the bytes go through the same Parquet serialisation). ``source`` is a path/URI (planned here) or
     a ready :class:`Plan`; ``on_shard`` receives each shard's metadata (placements, rejections).
 
-    ``shard_rows`` (default: the config's) only sets the unit of work — smaller means more parallel
-    tasks and a faster first batch. Row contents do not depend on it (each row is built on its own);
-    only where RecordBatch boundaries fall does."""
+    ``start_row`` / ``stop_row`` restrict the output to the epoch's rows [start_row, stop_row) (only
+    the shards that overlap the range are built). ``shard_rows`` (default: the config's) only sets
+    the unit of work — smaller means more parallel tasks and a faster first batch. Row contents do
+    not depend on it (each row is built on its own); only where RecordBatch boundaries fall does."""
     if isinstance(source, Plan):
         plan = source
     else:
         plan = plan_epoch(normalize_source(source), cfg, epoch, ray_address=ray_address, workers=workers)
-    tasks = shard_tasks(plan, cfg.seed, shard_rows or resolved_shard_rows(cfg))
+    rows_per_task = shard_rows or resolved_shard_rows(cfg)
+    stop = plan.num_sequences if stop_row is None else min(stop_row, plan.num_sequences)
+    if start_row < 0 or start_row >= stop:
+        return
+    tasks = shard_tasks(plan, cfg.seed, rows_per_task)
+    first = start_row // rows_per_task
+    last = (stop - 1) // rows_per_task
+    row = first * rows_per_task  # epoch row of the next batch's first row
     for meta, data in run_shard_tasks(
-        tasks, cfg, out=None, return_data=True, workers=workers, ray_address=ray_address
+        tasks[first : last + 1], cfg, out=None, return_data=True, workers=workers, ray_address=ray_address
     ):
         if on_shard is not None:
             on_shard(ShardResult.from_json({k: meta[k] for k in _RESULT_KEYS}))
         pf = pq.ParquetFile(pa.BufferReader(data))
         for g in range(pf.num_row_groups):
-            yield from pf.read_row_group(g).combine_chunks().to_batches()
+            for batch in pf.read_row_group(g).combine_chunks().to_batches():
+                lo, hi = max(start_row - row, 0), min(stop - row, batch.num_rows)
+                row += batch.num_rows
+                if lo < hi:
+                    yield batch if (lo, hi) == (0, batch.num_rows) else batch.slice(lo, hi - lo)
+
+
+def epoch_rows(
+    source: str | Plan,
+    cfg: PackConfig,
+    epoch: int = 0,
+    *,
+    ray_address: str | None = None,
+    workers: int | None = None,
+) -> int:
+    """Rows (packed sequences) of one epoch: the plan's sequence count (pack-time rejections never
+    remove a row, so this is exact before anything is decoded)."""
+    if isinstance(source, Plan):
+        return source.num_sequences
+    return plan_epoch(
+        normalize_source(source), cfg, epoch, ray_address=ray_address, workers=workers
+    ).num_sequences
 
 
 _RESULT_KEYS = ("shard", "epoch", "rows", "images", "real_tokens", "placements", "rejections")

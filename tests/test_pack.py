@@ -375,3 +375,24 @@ def test_cli_pack_with_the_real_planner(tmp_path, ray_session):
     assert res.exit_code == 0, res.output
     assert f"0 built, {len(index['shards'])} verified and kept" in res.output
     assert tree(out) == before
+
+
+def test_live_row_range_and_epoch_rows(src, packed):
+    """stream_epoch(start_row, stop_row) gives exactly those rows of the written epoch, building only
+    the shards that overlap; epoch_rows is the epoch's row count."""
+    from packer.pipeline import epoch_rows
+
+    out, _ = packed
+    cfg = make_cfg()
+    index = schema.read_index(str(out))
+    plan = hand_plan(str(src[0]), cfg, 1)
+    written = pa.concat_tables(pq.read_table(out / e["file"]) for e in index["shards"] if e["epoch"] == 1)
+    assert epoch_rows(plan, cfg, 1) == written.num_rows
+    seen = []
+    lo, hi = 3, written.num_rows - 2
+    live = pa.Table.from_batches(
+        list(stream_epoch(plan, cfg, 1, start_row=lo, stop_row=hi, on_shard=seen.append))
+    )
+    assert live.equals(written.slice(lo, hi - lo))
+    assert len(seen) == (hi - 1) // 2 - lo // 2 + 1  # 2 rows per shard: only overlapping shards built
+    assert list(stream_epoch(plan, cfg, 1, start_row=written.num_rows)) == []
