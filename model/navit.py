@@ -56,7 +56,7 @@ class NaViTConfig:
     qk_norm: bool = False  # LayerNorm on per-head queries and keys
     pool: str = "attn"  # attn (one learned probe per image) | mean
     attention: str = "auto"  # auto | dense | segment | flex | varlen
-    segment_buckets: int = 0  # segment backend: 0 = group equal lengths, s = pad to s steps/octave
+    segment_buckets: int = 2  # segment backend: pad lengths to s steps/octave (0 = exact lengths)
     dropout: float = 0.0  # after attention/MLP projections
     drop_path: float = 0.0  # stochastic depth, max rate (linearly increasing with depth), per image
     norm_eps: float = 1e-6

@@ -113,7 +113,7 @@ def embed_alone(net: NaViT, imgs: list[np.ndarray], seq_len: int) -> torch.Tenso
     [
         {"attention": "segment"},
         {"attention": "dense"},
-        {"attention": "segment", "segment_buckets": 4},
+        {"attention": "segment", "segment_buckets": 0},
         {"attention": "segment", "pool": "mean", "qk_norm": True, "posemb": "sincos"},
         {"attention": "dense", "posemb": "fourier", "qk_norm": True},
     ],
