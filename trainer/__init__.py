@@ -1,0 +1,15 @@
+"""The NaViT trainer: packed rows in, a trained classifier out. Never imports Ray at import time.
+
+Modules (import what you need; this package imports none of them eagerly, so that e.g.
+``trainer.flight_client`` stays free of torch):
+
+- ``trainer.config``       TrainConfig (pydantic) + YAML/override loading, resume compatibility
+- ``trainer.data``         batch format, shard reading, data order and position, sources
+                           (shards, flight://, live), ``iter_batches`` for your own loop
+- ``trainer.loop``         ``train(cfg, source, out, resume=...)``: the training loop
+- ``trainer.checkpoint``   atomic safetensors + weights_only checkpoints
+- ``trainer.metrics``      progress line, metrics.jsonl, TensorBoard
+- ``trainer.evaluate``     accuracy at several resolutions (``navit eval``)
+- ``trainer.distributed``  DDP set-up under torchrun
+- ``trainer.flight_client`` client of ``navit serve``
+"""
