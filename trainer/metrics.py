@@ -97,6 +97,8 @@ class MetricsLogger:
             "tokens_per_s": w.real_tokens / dt,
             "padding_fraction": 1.0 - w.real_tokens / w.tokens if w.tokens else 0.0,
             "data_wait_fraction": w.data_wait_s / dt,
+            "window_steps": w.steps,
+            "window_s": dt,
             "time": time.time(),
         }
         self.last = rec
@@ -110,7 +112,7 @@ class MetricsLogger:
             self.jsonl.write(json.dumps(rec) + "\n")
         if self.tb is not None:
             for k, v in rec.items():
-                if k not in ("step", "time") and math.isfinite(v):
+                if k not in ("step", "time", "window_steps") and math.isfinite(v):
                     self.tb.add_scalar(f"train/{k}", v, rec["step"])
         line = (
             f"step {rec['step']:>6}/{self.total}  loss {rec['loss']:.4f}  acc {rec['acc']:.3f}  "
