@@ -22,7 +22,10 @@ from packer.errors import ConfigError, DataError
 def _is_pack_dir(path: str) -> bool:
     if "://" in path:  # s3:// or gs:// pack directories
         return True
-    return (Path(path) / "index.json").is_file()
+    p = Path(path)
+    # An unfinished pack (shards but no index.json yet) is a pack DIR too: read_index says why it
+    # cannot be served, instead of trying to pack its shards as images.
+    return (p / "index.json").is_file() or (p / "shards").is_dir() or (p / "images.parquet").is_file()
 
 
 def _read_file(path: Path | None, flag: str) -> bytes | None:

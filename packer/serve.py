@@ -206,6 +206,7 @@ class LiveSource:
         self.schema = schema.shard_schema(config.packing.seq_len, config.packing.patch_size)
         self._lock = threading.Lock()
         self._rows: dict[int, int] = {}
+        self._pipeline()  # fail at start-up, not on the first client, if live mode is unavailable
 
     def epochs(self) -> None:
         return None
