@@ -310,18 +310,26 @@ def patchify(arr: np.ndarray, patch_size: int) -> np.ndarray:
     return arr.reshape(gh, p, gw, p, c).transpose(0, 2, 1, 3, 4).reshape(gh * gw, p * p * c)
 
 
-def select_tokens(arr: np.ndarray, patch_size: int, keep: np.ndarray) -> Tokens:
-    """Gather the kept patches straight from the (H, W, 3) image (one copy, no full patch tensor).
+def select_tokens(
+    arr: np.ndarray, patch_size: int, keep: np.ndarray, out: np.ndarray | None = None
+) -> Tokens:
+    """Gather the kept patches straight from the (H, W, 3) image (no full patch tensor).
 
-    keep: sorted int indices into the row-major (gh, gw) grid."""
+    keep: sorted int indices into the row-major (gh, gw) grid. ``out`` (n_kept, p*p*3) uint8, e.g.
+    a slice of a shard row, receives the patches in place (one strided copy when nothing is dropped)."""
     h, w, c = arr.shape
     p = patch_size
     gh, gw = h // p, w // p
     keep = np.asarray(keep, dtype=np.int64)
     rows, cols = keep // gw, keep % gw
     grid = arr.reshape(gh, p, gw, p, c).transpose(0, 2, 1, 3, 4)  # (gh, gw, p, p, c) view
-    patches = grid[rows, cols].reshape(len(keep), p * p * c)  # (n_kept, p*p*c)
-    return Tokens(patches, rows.astype(np.int16), cols.astype(np.int16))
+    if out is None:
+        out = np.empty((len(keep), p * p * c), np.uint8)
+    if len(keep) == gh * gw:
+        out.reshape(gh, gw, p, p, c)[...] = grid  # all kept: keep == arange, copy the view directly
+    else:
+        out.reshape(len(keep), p, p, c)[...] = grid[rows, cols]  # (n_kept, p, p, c)
+    return Tokens(out, rows.astype(np.int16), cols.astype(np.int16))
 
 
 def kept_indices(seed: int, epoch: int, key: str, n_full: int, n_kept: int) -> np.ndarray:
@@ -362,11 +370,15 @@ def decode_tokens(
     epoch: int,
     key: str,
     cfg: DecodeConfig,
+    out: np.ndarray | None = None,
 ) -> Tokens:
-    """The whole per-image job: read → decode → resize → patchify → keep the planned tokens."""
+    """The whole per-image job: read → decode → resize → patchify → keep the planned tokens.
+
+    ``out`` (n_kept, p*p*3) uint8 receives the patches in place (see :func:`select_tokens`); it is
+    left untouched when decoding fails."""
     arr = load_resized(source, grid_h, grid_w, patch_size, cfg)
     keep = kept_indices(seed, epoch, key, grid_h * grid_w, n_kept)
-    return select_tokens(arr, patch_size, keep)
+    return select_tokens(arr, patch_size, keep, out)
 
 
 # Truncated files must fail, not be silently padded with grey (Pillow's default is already False;

@@ -125,6 +125,8 @@ def build_shard(task_json: str, cfg: PackConfig) -> tuple[pa.Table, ShardResult]
         ids, labels, ghs, gws, fulls = [], [], [], [], []
         for m in members:
             gh, gw, nk = int(m["gh"]), int(m["gw"]), int(m["nk"])
+            if cursor + nk > seq_len:  # a plan that violates its own contract: fail loudly
+                raise RuntimeError(f"shard {task['shard']} row {r}: {cursor + nk} tokens > seq_len {seq_len}")
             try:
                 t = decode_tokens(
                     m["path"],
@@ -136,14 +138,12 @@ def build_shard(task_json: str, cfg: PackConfig) -> tuple[pa.Table, ShardResult]
                     epoch=epoch,
                     key=m["key"],
                     cfg=cfg.decode,
+                    out=patches[r, cursor : cursor + nk],  # decoded straight into the row
                 )
             except DecodeError as e:
                 result.rejections.append([int(m["id"]), e.reason])
                 continue
-            if cursor + nk > seq_len:  # a plan that violates its own contract: fail loudly
-                raise RuntimeError(f"shard {task['shard']} row {r}: {cursor + nk} tokens > seq_len {seq_len}")
             seg = len(ids) + 1
-            patches[r, cursor : cursor + nk] = t.patches
             segment_ids[r, cursor : cursor + nk] = seg
             pos_h[r, cursor : cursor + nk] = t.pos_h
             pos_w[r, cursor : cursor + nk] = t.pos_w
