@@ -187,10 +187,13 @@ class ShardSetSource:
 class LiveSource:
     """Serves the live packing pipeline over a raw image source; nothing is written to disk.
 
-    Rows are produced by ``packer.pipeline.stream_epoch`` in pack order, so epoch e here equals
-    epoch e of ``navit pack`` with the same source, config and seed. Ray is started lazily."""
+    Rows come from :func:`packer.pipeline.stream_epoch` restricted to each rank's range (only the
+    shards overlapping it are built), so epoch e here equals epoch e of ``navit pack`` with the same
+    source, config and seed, byte for byte. Each epoch is planned once (header scan, no decoding)
+    and the plan is shared by every rank's stream; the last few plans are kept. Ray starts lazily."""
 
     mode = "live"
+    PLANS_KEPT = 4
 
     def __init__(
         self,
@@ -199,41 +202,55 @@ class LiveSource:
         ray_address: str | None = None,
         workers: int | None = None,
     ) -> None:
-        self.source = source
         self.config = config
         self.ray_address = ray_address
         self.workers = workers
         self.schema = schema.shard_schema(config.packing.seq_len, config.packing.patch_size)
         self._lock = threading.Lock()
-        self._rows: dict[int, int] = {}
-        self._pipeline()  # fail at start-up, not on the first client, if live mode is unavailable
+        self._plans: dict[int, Any] = {}  # epoch → Plan, insertion-ordered (oldest first)
+        self._pipeline = self._import_pipeline()  # fail at start-up, not on the first client
+        self.source = self._pipeline.normalize_source(source)
 
-    def epochs(self) -> None:
-        return None
-
-    def _pipeline(self) -> Any:
+    @staticmethod
+    def _import_pipeline() -> Any:
         try:
             from packer import pipeline
         except ImportError as e:  # the pack pipeline is a separate module
             raise DataError(f"live mode needs packer.pipeline ({e})") from None
         return pipeline
 
-    def epoch_rows(self, epoch: int) -> int:
+    def epochs(self) -> None:
+        return None
+
+    def plan(self, epoch: int) -> Any:
+        """The epoch's plan (deterministic in source, config, epoch), computed once."""
         check_epoch(epoch, None)
-        with self._lock:  # planning is deterministic; do it once per epoch even with many clients
-            if epoch not in self._rows:
-                self._rows[epoch] = int(self._pipeline().epoch_rows(self.source, self.config, epoch=epoch))
-            return self._rows[epoch]
+        with self._lock:  # two ranks asking for a new epoch at once plan it once
+            if epoch not in self._plans:
+                from packer.ray_runtime import ensure_ray
+
+                ensure_ray(self.ray_address, self.workers)
+                self._plans[epoch] = self._pipeline.plan_epoch(
+                    self.source, self.config, epoch, ray_address=self.ray_address, workers=self.workers
+                )
+                while len(self._plans) > self.PLANS_KEPT:
+                    self._plans.pop(next(iter(self._plans)))
+            return self._plans[epoch]
+
+    def epoch_rows(self, epoch: int) -> int:
+        return int(self.plan(epoch).num_sequences)
 
     def stream(self, epoch: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
-        check_epoch(epoch, None)
         if lo >= hi:
             return
-        from packer.ray_runtime import ensure_ray
-
-        ensure_ray(self.ray_address, self.workers)
-        batches = self._pipeline().stream_epoch(
-            self.source, self.config, epoch=epoch, start_row=lo, stop_row=hi
+        batches = self._pipeline.stream_epoch(
+            self.plan(epoch),
+            self.config,
+            epoch,
+            workers=self.workers,
+            ray_address=self.ray_address,
+            start_row=lo,
+            stop_row=hi,
         )
         for batch in batches:
             yield pa.RecordBatch.from_arrays(batch.columns, schema=self.schema)
@@ -247,4 +264,6 @@ class LiveSource:
             "patch_size": self.config.packing.patch_size,
             "channels": schema.CHANNELS,
             "seed": self.config.seed,
+            # Classes of the source's labelling (planning epoch 0 lists them; 0 when unlabeled).
+            "num_classes": len(self.plan(0).classes),
         }

@@ -396,19 +396,52 @@ def test_slow_client_keeps_server_memory_bounded(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _pipeline_has_live_mode() -> bool:
-    try:
-        from packer import pipeline
-    except ImportError:
-        return False
-    return hasattr(pipeline, "stream_epoch")
-
-
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.skipif(not _pipeline_has_live_mode(), reason="packer.pipeline.stream_epoch not available yet")
-def test_live_epoch_equals_navit_pack(tmp_path, ray_session):
-    pytest.skip("wired once packer.pipeline lands")
+def test_live_epochs_equal_navit_pack_byte_for_byte(tmp_path, ray_session):
+    """Serve SOURCE live (plan + Ray, nothing written) and compare with `navit pack` of the same
+    source, flags and seed: every row of every column, per rank and joined."""
+    from typer.testing import CliRunner
+
+    from cli.common import pack_config_from_flags
+    from cli.main import app
+    from packer.serve import LiveSource
+    from packer.synth import generate
+
+    generate(tmp_path / "img", n=14, seed=3, threads=1)
+    flags = dict(seq_len=64, patch_size=16, seed=5, resolution="uniform:32:96", token_drop="constant:0.25")
+    out = tmp_path / "packed"
+    args = ["pack", str(tmp_path / "img"), "--out", str(out), "--shard-rows", "2", "--epochs", "2"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    # Serve with a different unit of work (shard_rows 3): row contents must not depend on it.
+    cfg = pack_config_from_flags(None, **flags, sets=["output.shard_rows=3"])
+    srv = make_server(LiveSource(str(tmp_path / "img"), cfg), port=0)
+    try:
+        for epoch, world in ((0, 1), (1, 2)):
+            got: dict[int, list[pa.RecordBatch]] = {}
+
+            def read(rank: int, epoch: int = epoch, world: int = world, got: dict = got) -> None:
+                got[rank] = list(flight_batches(uri(srv), epoch=epoch, rank=rank, world_size=world))
+
+            threads = [threading.Thread(target=read, args=(r,)) for r in range(world)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            expected = epoch_table(out, epoch)
+            served = pa.Table.from_batches([b for r in range(world) for b in got[r]])
+            assert served.num_rows == expected.num_rows > 0
+            assert row_digests(served) == row_digests(expected)
+            assert served.equals(expected)
+            for b in got[0]:
+                assert b.schema.equals(schema.shard_schema(64, 16), check_metadata=True)
+        with FlightDataClient(uri(srv)) as c:
+            info = c.info()
+        assert info["mode"] == "live" and info["epochs"] is None and info["num_classes"] == 6
+    finally:
+        srv.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------------
