@@ -155,7 +155,8 @@ def _print_status(host: str, port: int, token: str | None, tls_root: bytes | Non
 
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
     scheme = "flight+tls" if tls_root else "flight"
-    with FlightDataClient(f"{scheme}://{connect_host}:{port}", token=token, tls_root_cert=tls_root) as c:
+    uri = f"{scheme}://{connect_host}:{port}"
+    with FlightDataClient(uri, token=token, tls_root_cert=tls_root, action_timeout_s=30) as c:
         st = c.status()
     if as_json:
         typer.echo(json.dumps(st, indent=2, sort_keys=True))

@@ -84,7 +84,7 @@ class FlightDataClient:
         uri: str,
         token: str | None = None,
         tls_root_cert: bytes | None = None,
-        connect_timeout_s: float = 10.0,
+        action_timeout_s: float | None = None,
     ) -> None:
         self.uri = uri
         self.location = parse_uri(uri)
@@ -94,7 +94,9 @@ class FlightDataClient:
         self._client = fl.FlightClient(self.location, **kwargs)
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = fl.FlightCallOptions(headers=headers)
-        self._action_options = fl.FlightCallOptions(headers=headers, timeout=connect_timeout_s)
+        # No default timeout: on a live server the first info/epoch call plans the epoch (and may
+        # start Ray), which can take minutes on a large source.
+        self._action_options = fl.FlightCallOptions(headers=headers, timeout=action_timeout_s)
 
     def close(self) -> None:
         self._client.close()
