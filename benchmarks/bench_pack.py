@@ -5,7 +5,9 @@ temp dir (nothing committed), then measures, at target longer side 256 and 512 (
 
   (i)   full-decode floor: a bare loop of ``Image.open(f).convert("RGB")``;
   (ii)  a bare loop of navit's per-image work without Ray: read, draft, decode, resize, patchify
-        (``packer.decode.load_resized`` + ``patchify``), one core;
+        (``packer.decode.load_resized`` + ``patchify``), one core; and the same loop plus navit's
+        layout, Parquet serialisation, sha256 and atomic write, still without Ray (to split the
+        overhead of (iii) into writing and Ray);
   (iii) the pack pipeline (Ray Data, one task per shard, Parquet serialisation, atomic writes) with
         1 and 2 workers, on a precomputed plan (planning is a separate, header-only stage; its time is
         reported by the planner's own benchmark).
@@ -184,6 +186,18 @@ def main() -> None:
             for f, gh, gw in zip(files, plan.grid_h, plan.grid_w, strict=True):
                 decode.patchify(decode.load_resized(str(f), int(gh), int(gw), P, cfg0.decode), P)
 
+        from packer import schema
+        from packer.layout import build_shard_bytes, shard_tasks
+
+        def loop_write(plan: Plan, out: Path) -> None:
+            """(ii) plus navit's layout, Parquet serialisation, sha256 and atomic write — no Ray."""
+            fs, base = schema.resolve_fs(str(out))
+            for task in shard_tasks(plan, cfg.seed, args.shard_rows):
+                data, res = build_shard_bytes(task, cfg)
+                schema.sha256_bytes(data)
+                schema.atomic_write_bytes(fs, schema.join(base, schema.shard_file_name(res.shard)), data)
+            shutil.rmtree(out)
+
         best: dict[str, float] = {}
         peak: dict[str, int] = {}
         shards: dict[int, tuple[int, float]] = {}
@@ -197,6 +211,7 @@ def main() -> None:
             for side in sides:
                 plan = plans[side]
                 keep(f"loop{side}", timed(lambda plan=plan: loop(plan)))
+                keep(f"write{side}", timed(lambda plan=plan, side=side: loop_write(plan, tmp / f"lw{side}")))
                 for w in (1, 2):
                     out = tmp / f"out-{side}-{w}-{rep}"
                     with PeakRSS() as rss:
@@ -224,9 +239,13 @@ def main() -> None:
         print(f"(i)  full decode loop, 1 core: {rate('full'):7.1f} images/s {mb / best['full']:6.1f} MB/s")
         for side in sides:
             loop_r, w1, w2 = rate(f"loop{side}"), rate(f"pack{side}w1"), rate(f"pack{side}w2")
+            write_r = rate(f"write{side}")
             r = {
                 "loop_images_s": loop_r,
                 "loop_mb_s": mb / best[f"loop{side}"],
+                "loop_write_images_s": write_r,
+                "writing_overhead_vs_loop": 1 - write_r / loop_r,
+                "ray_overhead_vs_loop_write": 1 - w1 / write_r,
                 "pack_w1_images_s": w1,
                 "pack_w1_mb_s": mb / best[f"pack{side}w1"],
                 "pack_w2_images_s": w2,
@@ -245,6 +264,7 @@ def main() -> None:
             results[f"side_{side}"] = r
             print(
                 f"side {side}: (ii) loop {loop_r:6.1f} img/s ({r['loop_vs_full_decode']:.2f}x full decode) | "
+                f"(ii)+write, no Ray {write_r:6.1f} img/s (-{100 * r['writing_overhead_vs_loop']:.1f}%) | "
                 f"(iii) pack 1 worker {w1:6.1f} img/s {r['pack_w1_mb_s']:5.1f} MB/s "
                 f"({r['pack_w1_vs_full_decode']:.2f}x full decode, overhead vs loop "
                 f"{100 * r['ray_write_overhead_vs_loop']:.1f}%) | 2 workers {w2:6.1f} img/s "

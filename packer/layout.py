@@ -165,7 +165,8 @@ def build_shard(task_json: str, cfg: PackConfig) -> tuple[pa.Table, ShardResult]
     return schema.rows_to_table(packed, seq_len, p), result
 
 
-def build_shard_bytes(task_json: str, cfg: PackConfig) -> tuple[bytes, ShardResult]:
-    """:func:`build_shard`, serialised exactly as `navit pack` writes it."""
+def build_shard_bytes(task_json: str, cfg: PackConfig) -> tuple[pa.Buffer, ShardResult]:
+    """:func:`build_shard`, serialised exactly as `navit pack` writes it (a pa.Buffer: the same bytes
+    as ``schema.table_to_parquet_bytes``, without its final copy)."""
     table, result = build_shard(task_json, cfg)
-    return schema.table_to_parquet_bytes(table), result
+    return schema.table_to_parquet_buffer(table), result

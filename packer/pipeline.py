@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -107,9 +108,15 @@ def _shard_udf(batch: pa.Table, cfg_json: str, out: str | None, return_data: boo
         {
             "shard": pa.array([result.shard], pa.int64()),
             "meta": pa.array([json.dumps(meta, sort_keys=True)], pa.string()),
-            "data": pa.array([data if return_data else b""], pa.large_binary()),
+            "data": _one_binary(data if return_data else pa.py_buffer(b"")),
         }
     )
+
+
+def _one_binary(buf: pa.Buffer) -> pa.Array:
+    """A one-element large_binary array over ``buf`` without copying it."""
+    offsets = pa.py_buffer(np.array([0, buf.size], dtype=np.int64).tobytes())
+    return pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, buf])
 
 
 def run_shard_tasks(

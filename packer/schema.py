@@ -217,7 +217,7 @@ def join(base: str, rel: str) -> str:
     return base.rstrip("/") + "/" + rel
 
 
-def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
     """Write to a temp file next to ``path`` and rename it into place: a crash never leaves a
     half-written file under the final name. (On object stores a single PUT is already atomic.)"""
     parent = path.rsplit("/", 1)[0]
@@ -237,6 +237,12 @@ def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 def table_to_parquet_bytes(table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
     """Serialise deterministically: fixed writer options, no timestamps; pixel bytes uncompressed
     (memory-mappable, and natural-image patches barely compress), metadata zstd."""
+    return table_to_parquet_buffer(table, row_group_rows).to_pybytes()
+
+
+def table_to_parquet_buffer(table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS) -> pa.Buffer:
+    """:func:`table_to_parquet_bytes` without the final copy into ``bytes`` (same content); a
+    ``pa.Buffer`` can be hashed and written directly (it supports the buffer protocol)."""
     sink = pa.BufferOutputStream()
     compression = {name: ("none" if name == "patches" else "zstd") for name in table.column_names}
     pq.write_table(
@@ -248,10 +254,10 @@ def table_to_parquet_bytes(table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS
         write_statistics=False,
         store_schema=True,
     )
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes | pa.Buffer) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
