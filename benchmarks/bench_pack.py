@@ -12,7 +12,8 @@ temp dir (nothing committed), then measures, at target longer side 256 and 512 (
         1 and 2 workers, on a precomputed plan (planning is a separate, header-only stage; its time is
         reported by the planner's own benchmark).
 
-Reports images/s, MB/s of JPEG input, per-core rates, and peak RSS (driver + Ray workers, sampled).
+Reports images/s, MB/s of JPEG input, per-core rates, and peak RSS (driver + Ray's processes and
+workers, sampled every 50 ms), also as growth over the first sample (idle Ray + driver).
 
     .venv/bin/python benchmarks/bench_pack.py [--n 218] [--sides 256,512] [--repeat 2]
 """
@@ -115,6 +116,7 @@ class PeakRSS:
 
     def __init__(self) -> None:
         self.peak = 0
+        self.first = 0  # the first sample: Ray's idle processes + the driver before the run
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -125,6 +127,7 @@ class PeakRSS:
             for p in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
+            self.first = self.first or total
             self.peak = max(self.peak, total)
             time.sleep(0.05)
 
@@ -200,6 +203,7 @@ def main() -> None:
 
         best: dict[str, float] = {}
         peak: dict[str, int] = {}
+        growth: dict[str, int] = {}
         shards: dict[int, tuple[int, float]] = {}
 
         def keep(name: str, dt: float) -> None:
@@ -219,6 +223,7 @@ def main() -> None:
                         res = pack(str(tmp / "jpeg"), str(out), cfg, workers=w, planner=lambda *a, p=plan: p)
                         keep(f"pack{side}w{w}", time.perf_counter() - t1)
                     peak[f"pack{side}w{w}"] = max(peak.get(f"pack{side}w{w}", 0), rss.peak)
+                    growth[f"pack{side}w{w}"] = max(growth.get(f"pack{side}w{w}", 0), rss.peak - rss.first)
                     rows = sum(e["rows"] for e in res.index["shards"])
                     shards[side] = (len(res.index["shards"]), rows * SEQ_LEN * P * P * 3 / 1e6)
                     shutil.rmtree(out)
@@ -257,6 +262,8 @@ def main() -> None:
                 "speedup_2_workers": w2 / w1,
                 "peak_rss_mb_w1": peak[f"pack{side}w1"] / 1e6,
                 "peak_rss_mb_w2": peak[f"pack{side}w2"] / 1e6,
+                "rss_growth_mb_w1": growth[f"pack{side}w1"] / 1e6,
+                "rss_growth_mb_w2": growth[f"pack{side}w2"] / 1e6,
                 "shards": shards[side][0],
                 "shard_mb": round(shards[side][1], 1),
                 "sequences": plans[side].num_sequences,
@@ -269,7 +276,8 @@ def main() -> None:
                 f"({r['pack_w1_vs_full_decode']:.2f}x full decode, overhead vs loop "
                 f"{100 * r['ray_write_overhead_vs_loop']:.1f}%) | 2 workers {w2:6.1f} img/s "
                 f"({r['speedup_2_workers']:.2f}x) | {r['shards']} shards, {r['shard_mb']:.0f} MB | peak RSS "
-                f"{r['peak_rss_mb_w1']:.0f} / {r['peak_rss_mb_w2']:.0f} MB"
+                f"{r['peak_rss_mb_w1']:.0f} / {r['peak_rss_mb_w2']:.0f} MB (+{r['rss_growth_mb_w1']:.0f} / "
+                f"+{r['rss_growth_mb_w2']:.0f} MB over idle Ray)"
             )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
