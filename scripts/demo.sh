@@ -6,7 +6,7 @@ set -euo pipefail
 OUT="${1:-$(mktemp -d -t navit-demo-XXXXXX)}"
 NAVIT="${NAVIT:-.venv/bin/navit}"
 PY="${PY:-.venv/bin/python}"
-STEPS="${DEMO_STEPS:-300}"
+STEPS="${DEMO_STEPS:-1200}"
 mkdir -p "$OUT"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 t0=$(date +%s)
@@ -14,9 +14,9 @@ t0=$(date +%s)
 step "0/7 environment"
 $NAVIT doctor
 
-step "1/7 navit synth: 600 labelled training images + 120 held-out images (6 shape classes)"
-$NAVIT synth --out "$OUT/images" --n 600 --seed 0
-$NAVIT synth --out "$OUT/heldout" --n 120 --seed 1
+step "1/7 navit synth: 3000 labelled training images + 300 held-out images (6 shape classes)"
+$NAVIT synth --out "$OUT/images" --n 3000 --seed 0
+$NAVIT synth --out "$OUT/heldout" --n 300 --seed 1
 
 step "2/7 navit plan: padding at three sequence lengths (headers only, no decode)"
 $NAVIT plan "$OUT/images" --config configs/demo.yaml --seq-len 256,512,1024 | tail -n 8
@@ -35,8 +35,8 @@ step "5/7 navit inspect: row 0 rebuilt from its patches"
 $NAVIT inspect "$OUT/pack" --row 0
 $NAVIT inspect "$OUT/pack" --row 0 --out "$OUT/row0.png"
 
-step "6/7 navit train: tiny NaViT, $STEPS steps on CPU"
-$NAVIT train --data "$OUT/pack" --out "$OUT/run" --config configs/train_tiny_cpu.yaml --steps "$STEPS" \
+step "6/7 navit train: tiny NaViT (4 blocks, width 128), $STEPS steps on CPU"
+$NAVIT train --data "$OUT/pack" --out "$OUT/run" --config configs/train_demo_cpu.yaml --steps "$STEPS" \
   --checkpoint-every "$STEPS"
 
 step "7/7 navit eval: one model, several resolutions (held-out images)"
