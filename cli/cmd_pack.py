@@ -23,6 +23,7 @@ from cli.common import (
     TokenDropOpt,
     WorkersOpt,
     pack_config_from_flags,
+    pack_flags,
 )
 from packer.errors import NavitError
 
@@ -189,16 +190,7 @@ def pack(
         raise NavitError(f"--workers must be >= 1 (got {workers})")
     cfg = pack_config_from_flags(
         config,
-        seq_len=seq_len,
-        patch_size=patch_size,
-        max_images_per_seq=max_images_per_seq,
-        max_tokens_per_image=max_tokens_per_image,
-        seed=seed,
-        resolution=resolution,
-        token_drop=token_drop,
-        packer=packer,
-        exact_fill=exact_fill,
-        sets=sets,
+        **pack_flags(locals()),
         extra={"output.shard_rows": shard_rows, "output.epochs": epochs},
     )
     typer.echo(f"[pack] planning {source}: starting Ray, listing files, reading headers ...", err=True)

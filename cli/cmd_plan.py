@@ -22,6 +22,7 @@ from cli.common import (
     TokenDropOpt,
     WorkersOpt,
     pack_config_from_flags,
+    pack_flags,
 )
 from packer.errors import ConfigError
 
@@ -85,22 +86,8 @@ def plan(
 
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: must be >= 1 (got {workers})")
-    cfgs = [
-        pack_config_from_flags(
-            config,
-            seq_len=n,
-            patch_size=patch_size,
-            max_images_per_seq=max_images_per_seq,
-            max_tokens_per_image=max_tokens_per_image,
-            seed=seed,
-            resolution=resolution,
-            token_drop=token_drop,
-            packer=packer,
-            exact_fill=exact_fill,
-            sets=sets,
-        )
-        for n in parse_seq_lens(seq_len)
-    ]
+    flags = pack_flags(locals())
+    cfgs = [pack_config_from_flags(config, **{**flags, "seq_len": n}) for n in parse_seq_lens(seq_len)]
     t0 = time.perf_counter()
     scan = scan_source(source, cfgs[0], ray_address=ray_address, workers=workers)
     scan_s = time.perf_counter() - t0

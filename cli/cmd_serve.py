@@ -95,19 +95,7 @@ def register(app: typer.Typer) -> None:
         else:
             if not Path(source).exists():
                 raise DataError(f"{source}: no such file or directory")
-            cfg = common.pack_config_from_flags(
-                config,
-                seq_len=seq_len,
-                patch_size=patch_size,
-                max_images_per_seq=max_images_per_seq,
-                max_tokens_per_image=max_tokens_per_image,
-                seed=seed,
-                resolution=resolution,
-                token_drop=token_drop,
-                packer=packer,
-                exact_fill=exact_fill,
-                sets=sets,
-            )
+            cfg = common.pack_config_from_flags(config, **common.pack_flags(locals()))
             src = LiveSource(source, cfg, ray_address=ray_address, workers=workers)
             what = f"live packing of {source} (seed {cfg.seed}, any epoch)"
 

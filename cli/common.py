@@ -84,6 +84,26 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+PACK_FLAG_NAMES = (
+    "seq_len",
+    "patch_size",
+    "max_images_per_seq",
+    "max_tokens_per_image",
+    "seed",
+    "resolution",
+    "token_drop",
+    "packer",
+    "exact_fill",
+    "sets",
+)
+
+
+def pack_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """The shared packing flags out of a command's parameters (pass ``locals()``), so each command
+    forwards them to :func:`pack_config_from_flags` without repeating the list."""
+    return {name: values[name] for name in PACK_FLAG_NAMES if name in values}
+
+
 def pack_config_from_flags(
     config: Path | None = None,
     *,
