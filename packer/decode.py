@@ -95,14 +95,8 @@ def read_bytes(path: str) -> bytes:
             local = path[len("file://") :] if path.startswith("file://") else path
             with open(local, "rb") as f:
                 data = f.read()
-    except FileNotFoundError:
-        raise DecodeError("unreadable path: file not found") from None
-    except PermissionError:
-        raise DecodeError("unreadable path: permission denied") from None
-    except IsADirectoryError:
-        raise DecodeError("unreadable path: is a directory") from None
     except OSError as e:
-        raise DecodeError(f"unreadable path: {_one_line(e)}") from None
+        raise DecodeError(unreadable_reason(e)) from None
     if not data:
         raise DecodeError("zero-byte file")
     return data
@@ -111,6 +105,18 @@ def read_bytes(path: str) -> bytes:
 def _one_line(e: BaseException) -> str:
     text = (getattr(e, "strerror", None) or str(e) or type(e).__name__).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def unreadable_reason(err: OSError) -> str:
+    """The one-line rejection reason for a path that cannot be opened (shared with the header scan,
+    so plan and pack count the same reasons)."""
+    if isinstance(err, FileNotFoundError):
+        return "unreadable path: file not found"
+    if isinstance(err, PermissionError):
+        return "unreadable path: permission denied"
+    if isinstance(err, IsADirectoryError):
+        return "unreadable path: is a directory"
+    return f"unreadable path: {_one_line(err)}"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from packer.decode import EXIF_ORIENTATION, _one_line, _unsupported_format
+from packer.decode import EXIF_ORIENTATION, _one_line, _unsupported_format, unreadable_reason
 
 # Below this many files, starting embedded Ray (5-30 s) costs more than a local loop: measured ~0.4 ms
 # per local file (page cache warm); object-store reads cost a round trip each (tens of ms), so URIs go
@@ -92,14 +92,8 @@ def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
     orientation). Raises HeaderError with the reason. Reads only the header bytes."""
     try:
         f = _open_stream(path)
-    except FileNotFoundError:
-        raise HeaderError("unreadable path: file not found") from None
-    except PermissionError:
-        raise HeaderError("unreadable path: permission denied") from None
-    except IsADirectoryError:
-        raise HeaderError("unreadable path: is a directory") from None
     except OSError as e:
-        raise HeaderError(f"unreadable path: {_one_line(e)}") from None
+        raise HeaderError(unreadable_reason(e)) from None
     with f:
         try:
             head = f.read(16)
