@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError, features
 
 from packer.config import DecodeConfig
+from packer.localfile import NotRegularFile, open_regular
 
 RESAMPLE = Image.Resampling.BICUBIC
 # Downscales by more than this factor first reduce by an integer box filter (fast, and visually
@@ -93,7 +94,7 @@ def read_bytes(path: str) -> bytes:
                 data = f.read()
         else:
             local = path[len("file://") :] if path.startswith("file://") else path
-            with open(local, "rb") as f:
+            with open_regular(local) as f:  # never blocks on a FIFO, never reads a device
                 data = f.read()
     except OSError as e:
         raise DecodeError(unreadable_reason(e)) from None
@@ -116,6 +117,8 @@ def unreadable_reason(err: OSError) -> str:
         return "unreadable path: permission denied"
     if isinstance(err, IsADirectoryError):
         return "unreadable path: is a directory"
+    if isinstance(err, NotRegularFile):
+        return str(err.strerror)  # "not a regular file: named pipe (FIFO)"
     return f"unreadable path: {_one_line(err)}"
 
 

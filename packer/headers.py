@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from packer.decode import EXIF_ORIENTATION, _one_line, _unsupported_format, unreadable_reason
+from packer.localfile import open_regular
 
 # Below this many files, starting embedded Ray (5-30 s) costs more than a local loop: measured ~0.4 ms
 # per local file (page cache warm); object-store reads cost a round trip each (tens of ms), so URIs go
@@ -66,7 +67,8 @@ def _open_stream(path: str) -> Any:
 
         fs, inner = pafs.FileSystem.from_uri(path)
         return fs.open_input_file(inner)  # random access: Pillow seeks within the header
-    return open(path[len("file://") :] if path.startswith("file://") else path, "rb")
+    # Only regular files: open() on a FIFO would block until a writer appears.
+    return open_regular(path[len("file://") :] if path.startswith("file://") else path)
 
 
 def _orientation(img: Image.Image) -> int:
