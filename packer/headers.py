@@ -166,7 +166,8 @@ def scan_headers_local(
 
 
 def _header_udf(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, np.ndarray]:
-    out = _scan_rows(batch["image_id"], [str(p) for p in batch["path"]], max_pixels)
+    paths = [bytes(p).decode("utf-8", "surrogateescape") for p in batch["path"]]  # see scan_headers
+    out = _scan_rows(batch["image_id"], paths, max_pixels)
     out["format"] = np.array(out["format"], dtype=object)
     out["reason"] = np.array(out["reason"], dtype=object)
     return out
@@ -203,7 +204,10 @@ def scan_headers(
     # About four batches per CPU (load balance), 16..256 files each (task overhead vs. stragglers).
     cpus = workers or available_cpus()
     batch = int(min(_BATCH, max(16, -(-len(paths) // (4 * cpus)))))
-    table = pa.table({"image_id": pa.array(ids, pa.int64()), "path": pa.array(list(paths), pa.string())})
+    # Paths travel as bytes: a file name that is not valid UTF-8 (surrogate-escaped in Python) has
+    # no Arrow string form.
+    raw_paths = [p.encode("utf-8", "surrogateescape") for p in paths]
+    table = pa.table({"image_id": pa.array(ids, pa.int64()), "path": pa.array(raw_paths, pa.binary())})
     ds = ray.data.from_arrow([table.slice(s, batch) for s in range(0, len(paths), batch)])
     ds = ds.map_batches(
         _header_udf,

@@ -42,6 +42,7 @@ from packer.config import PackConfig
 from packer.errors import DataError, NavitError
 from packer.layout import ShardResult, build_shard_bytes, shard_tasks, task_digest
 from packer.plan_types import Plan
+from packer.sources import printable
 
 STATE_DIR = ".navit-pack"
 STATE_FILE = f"{STATE_DIR}/state.json"
@@ -538,6 +539,10 @@ def _images_and_rejections(epochs: list[EpochRecord]) -> tuple[pa.Table, list[st
             )
         rows.sort(key=lambda r: r[0])
         for _, r in rows:
+            # Valid UTF-8 in the output files: a name that is not shows its bytes as \xNN.
+            r["path"] = printable(r["path"])
+            if r["rejected_reason"] is not None:
+                r["rejected_reason"] = printable(r["rejected_reason"])
             for k, v in r.items():
                 cols[k].append(v)
             if r["rejected_reason"] is not None:

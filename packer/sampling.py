@@ -46,14 +46,18 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def key_hash(keys: Sequence[str]) -> np.ndarray:
-    """64-bit stable hashes (n,) uint64 of UTF-8 ``keys``: FNV-1a over the bytes, then splitmix64.
+    """64-bit stable hashes (n,) uint64 of ``keys``: FNV-1a over their bytes, then splitmix64.
+
+    The bytes are the UTF-8 encoding; a file name that is not valid UTF-8 (listed by Python with
+    surrogate escapes) is hashed from its raw bytes (``surrogateescape``, as ``os.fsencode`` does on a
+    UTF-8 system), so it plans like any other name and its hash does not depend on the locale.
 
     Vectorised across keys: one pass per byte column of the padded byte matrix, bytes beyond a key's
     length masked out, so a key's hash does not depend on the other keys in the call.
     """
     if len(keys) == 0:
         return np.zeros(0, dtype=_U64)
-    raw = np.array([k.encode("utf-8") for k in keys], dtype=bytes)  # (n,) fixed-width 'S<maxlen>'
+    raw = np.array([k.encode("utf-8", "surrogateescape") for k in keys], dtype=bytes)  # (n,) 'S<maxlen>'
     width = raw.dtype.itemsize
     mat = raw.view(np.uint8).reshape(len(keys), width)  # (n, maxlen) zero-padded
     lengths = np.char.str_len(raw)  # (n,) keys contain no NUL, so this is the byte length

@@ -61,6 +61,18 @@ class Listing:
         return ok
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8, for reports and output files (images.parquet, rejected.jsonl,
+    index.json classes). A name that is not valid UTF-8 is listed by Python with surrogate escapes
+    (``os.fsdecode(b"bad\\xff.jpg")``); here each such byte is written as the four characters
+    ``\\xNN`` (Python's ``backslashreplace``). Valid text is returned unchanged. Keys and paths keep
+    the raw name: they open the file and seed its draws."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte (only from hand-made text)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _is_hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
@@ -165,6 +177,7 @@ def _from_files(
         classes = sorted({f for f in folder if f is not None})
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index.get(f, -1) if f else -1 for f in folder], dtype=np.int64)
+        classes = [printable(c) for c in classes]  # names only: sorted (and indexed) by the raw name
     skipped.sort(key=lambda s: s.path)
     return Listing(
         source=source,

@@ -10,6 +10,7 @@ pack locked its --out, and a bad --out was a traceback.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fixtures_images import encode, smooth_rgb
 from PIL import Image
@@ -109,3 +111,109 @@ def test_fifo_and_socket_are_rejected_with_a_reason_not_opened(special_files: Pa
     # The same check covers manifests and plain header scans of any path.
     h = scan_headers_local([0, 1], [str(root / "a" / "x.jpg"), "/dev/null"], 10**8)
     assert h.reason == ["not a regular file: named pipe (FIFO)", "not a regular file: character device"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Item 4: file names that are not valid UTF-8
+# ----------------------------------------------------------------------------------------------------
+
+BAD_NAME = b"a/bad\xff\xfe.jpg"  # not UTF-8: Python lists it with surrogate escapes
+BAD_FOLDER = b"caf\xe9/x.jpg"  # a Latin-1 class folder
+
+
+def _reference_key_hash(raw: bytes) -> int:
+    """FNV-1a over the bytes, then the splitmix64 finaliser of (hash ^ length): packer.sampling's
+    key hash, written out in plain Python."""
+    mask = (1 << 64) - 1
+    h = 0xCBF29CE484222325
+    for b in raw:
+        h = ((h ^ b) * 0x100000001B3) & mask
+    x = h ^ len(raw)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+@pytest.fixture()
+def odd_names(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    _write(root, "a/ok.jpg", _jpeg(0))
+    _write(root, BAD_NAME, _jpeg(1))
+    _write(root, BAD_FOLDER, _jpeg(2))
+    _write(root, b"a/broken\xff.png", b"not a png")  # rejected: its reason row must be writable too
+    return root
+
+
+def test_key_hash_of_an_undecodable_name_hashes_its_raw_bytes() -> None:
+    from packer.sampling import kept_token_indices, key_hash
+
+    key = os.fsdecode(BAD_NAME)  # 'a/bad\udcff\udcfe.jpg'
+    assert int(key_hash([key])[0]) == _reference_key_hash(BAD_NAME)
+    assert int(key_hash(["a/ok.jpg"])[0]) == _reference_key_hash(b"a/ok.jpg")
+    keep = kept_token_indices(3, 0, key, 20, 7)
+    assert len(keep) == 7 and np.array_equal(keep, kept_token_indices(3, 0, key, 20, 7))
+
+
+def test_undecodable_names_are_planned_and_reported_in_valid_utf8(odd_names: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    cfg = _cfg()
+    plan = make_plan(scan_source(str(odd_names), cfg, use_ray=False), cfg)
+    assert sorted(plan.key) == sorted(os.fsdecode(k) for k in (b"a/ok.jpg", BAD_NAME, BAD_FOLDER))
+    assert plan.classes == ["a", "caf\\xe9"]  # class names are shown with the byte escaped
+    assert [os.path.basename(os.fsencode(r.path)) for r in plan.rejected] == [b"broken\xff.png"]
+    # The planned path still opens the file (the escaped form is for display only).
+    bad = plan.key.index(os.fsdecode(BAD_NAME))
+    assert read_bytes(plan.path[bad]) == _jpeg(1)
+    res = CliRunner().invoke(app, ["plan", str(odd_names), "--seq-len", "64", "--patch-size", "16"])
+    assert res.exit_code == 0, res.output
+    assert "3 planned, 1 rejected" in res.output and "caf\\xe9 1" in res.output
+    res = CliRunner().invoke(app, ["plan", str(odd_names), "--seq-len", "64", "--patch-size", "16", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["labels"] == {"a": 2, "caf\\xe9": 1}
+
+
+@pytest.mark.ray
+def test_header_scan_on_ray_carries_undecodable_paths(odd_names: Path, ray_session) -> None:
+    cfg = _cfg()
+    local = scan_source(str(odd_names), cfg, use_ray=False).headers
+    remote = scan_source(str(odd_names), cfg, use_ray=True, workers=1).headers
+    assert remote.reason == local.reason and remote.format == local.format
+    assert np.array_equal(remote.width, local.width) and np.array_equal(remote.height, local.height)
+
+
+def _pack_cli(source: Path, out: Path, *extra: str):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    args = ["pack", str(source), "--out", str(out), "--seq-len", "64", "--patch-size", "16"]
+    args += ["--resolution", "uniform:32:64", "--workers", "1", *extra]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pack_writes_undecodable_names_escaped_and_packs_them(odd_names: Path, tmp_path: Path, ray_session):
+    import pyarrow.parquet as pq
+
+    from packer import schema
+
+    res = _pack_cli(odd_names, tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert "4 in = 3 packed + 1 rejected" in res.output
+    out = tmp_path / "out"
+    images = pq.read_table(out / schema.IMAGES_FILE).to_pylist()
+    names = {os.path.relpath(r["path"], str(odd_names)): r["rejected_reason"] for r in images}
+    assert names == {
+        "a/ok.jpg": None,
+        "a/bad\\xff\\xfe.jpg": None,
+        "caf\\xe9/x.jpg": None,
+        "a/broken\\xff.png": "not an image (unrecognised file format)",
+    }
+    lines = (out / schema.REJECTED_FILE).read_bytes().decode("utf-8").splitlines()
+    assert [json.loads(x)["path"].endswith("a/broken\\xff.png") for x in lines] == [True]
+    index = schema.read_index(str(out))
+    assert index["classes"] == ["a", "caf\\xe9"] and index["totals"]["images_packed"] == 3
