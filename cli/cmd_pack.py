@@ -10,7 +10,9 @@ import typer
 
 from cli.common import (
     ConfigOpt,
+    CropOpt,
     ExactFillOpt,
+    HflipOpt,
     MaxImagesOpt,
     MaxTokensOpt,
     PackerOpt,
@@ -129,6 +131,14 @@ def render_summary(result: Any, out: str) -> str:
         f"and kept), {idx['shard_rows']} rows each",
         f"  images      {t['images_in']} in = {t['images_packed']} packed + {t['images_rejected']} rejected "
         f"({t['images_rejected_at_plan']} at plan, {t['images_rejected_at_pack']} at pack)",
+    ]
+    if t.get("folders_unreadable"):
+        n = int(idx["per_epoch"][0]["folders_unreadable"])  # the totals count it once per epoch
+        lines.append(
+            f"  listing     {n} folder{'s' if n != 1 else ''} could not be listed: their images are not "
+            "in this pack (each counted as one rejected input; see rejected.jsonl)"
+        )
+    lines += [
         f"  sequences   {t['sequences']} (lower bound {t['lower_bound_sequences']}, "
         f"+{100 * t['excess_over_lower_bound']:.2f}%)",
         f"  tokens      {t['real_tokens']} real, {t['padding_tokens']} padding "
@@ -139,6 +149,14 @@ def render_summary(result: Any, out: str) -> str:
             f"  throughput  {result.images_built / result.exec_seconds:,.0f} images/s building shards "
             f"({result.exec_seconds:.1f}s); start-up, planning and final files "
             f"{result.seconds - result.exec_seconds:.1f}s"
+        )
+    if result.shards_by_node:
+        # Ray node ids (first 12 hex digits, as `ray list nodes` shows them in full): on a cluster this
+        # says whether every machine took part.
+        per_node = sorted(result.shards_by_node.items(), key=lambda kv: (-kv[1], kv[0]))
+        lines.append(
+            f"  ray nodes   {len(per_node)} built shards: "
+            + ", ".join(f"{node[:12]} {n}" for node, n in per_node)
         )
     if result.rejected_by_reason:
         lines.append("  rejected by reason:")
@@ -165,6 +183,8 @@ def pack(
     token_drop: TokenDropOpt = None,
     packer: PackerOpt = None,
     exact_fill: ExactFillOpt = None,
+    crop: CropOpt = None,
+    hflip: HflipOpt = None,
     sets: SetOpt = None,
     shard_rows: Annotated[
         int | None,

@@ -10,7 +10,9 @@ import typer
 
 from cli.common import (
     ConfigOpt,
+    CropOpt,
     ExactFillOpt,
+    HflipOpt,
     MaxImagesOpt,
     MaxTokensOpt,
     PackerOpt,
@@ -71,6 +73,8 @@ def plan(
     token_drop: TokenDropOpt = None,
     packer: PackerOpt = None,
     exact_fill: ExactFillOpt = None,
+    crop: CropOpt = None,
+    hflip: HflipOpt = None,
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
     sets: SetOpt = None,

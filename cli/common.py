@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from packer.config import PackConfig, load_pack_config, parse_resolution, parse_token_drop
+from packer.config import PackConfig, load_pack_config, parse_crop, parse_resolution, parse_token_drop
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/)", show_default=False)
@@ -44,6 +44,19 @@ TokenDropOpt = Annotated[
         help="none | constant:RATE | beta:MEAN:MAX | resolution:MIN:MAX[:JITTER]",
         show_default=False,
     ),
+]
+CropOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--crop",
+        help="pack-time random-resized crop: off | SCALE_LO:SCALE_HI[:RATIO_LO:RATIO_HI] (area fraction; "
+        "aspect ratio as a multiple of the image's, default 0.75:1.333)",
+        show_default=False,
+    ),
+]
+HflipOpt = Annotated[
+    float | None,
+    typer.Option("--hflip", help="pack-time horizontal flip probability (0..1)", show_default=False),
 ]
 PackerOpt = Annotated[
     str | None,
@@ -94,6 +107,8 @@ PACK_FLAG_NAMES = (
     "token_drop",
     "packer",
     "exact_fill",
+    "crop",
+    "hflip",
     "sets",
 )
 
@@ -116,6 +131,8 @@ def pack_config_from_flags(
     token_drop: str | None = None,
     packer: str | None = None,
     exact_fill: bool | None = None,
+    crop: str | None = None,
+    hflip: float | None = None,
     sets: list[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> PackConfig:
@@ -131,8 +148,11 @@ def pack_config_from_flags(
             "packing.max_tokens_per_image": max_tokens_per_image,
             "packing.packer": packer,
             "packing.exact_fill": exact_fill,
+            "augment.hflip": hflip,
         }
     )
+    if crop is not None:
+        overrides["augment"] = parse_crop(crop)
     if resolution is not None:
         overrides["resolution"] = parse_resolution(resolution)
     if token_drop is not None:

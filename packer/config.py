@@ -140,6 +140,57 @@ class DecodeConfig(_Stage):
         return self
 
 
+class AugmentConfig(_Stage):
+    """Pack-time augmentation, off by default: random-resized crop and horizontal flip (docs/pack.md).
+
+    Drawn per image from (seed, epoch, key) at plan time, so the crop's size and aspect ratio decide
+    the patch grid (resolution sampling then applies to the crop) and shards stay deterministic.
+    Each image's crop box and flip are recorded in images.parquet.
+
+    As in timm's NaFlex ``RandomResizedCropToSequence``, the aspect ratio is a multiplier of the
+    image's own aspect ratio (a native-aspect model must keep seeing native aspect ratios), drawn
+    log-uniformly; the area fraction is uniform. Draws are conditioned on the crop fitting inside the
+    image (area fraction <= min(ratio, 1/ratio)), so both ranges always hold, with no fallback."""
+
+    crop_scale: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="area of the crop as a fraction of the image, [lo, hi] with 0 < lo <= hi <= 1 "
+        "([1, 1] with crop_ratio [1, 1]: no crop)",
+    )
+    crop_ratio: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="crop aspect ratio (w/h) as a multiple of the image's own, [lo, hi], log-uniform",
+    )
+    hflip: float = Field(0.0, ge=0.0, le=1.0, description="probability of a horizontal flip")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        s_lo, s_hi = self.crop_scale
+        r_lo, r_hi = self.crop_ratio
+        if not 0.0 < s_lo <= s_hi <= 1.0:
+            raise ValueError(f"crop_scale [{s_lo}, {s_hi}]: need 0 < lo <= hi <= 1")
+        if not 0.0 < r_lo <= r_hi <= 100.0:
+            raise ValueError(f"crop_ratio [{r_lo}, {r_hi}]: need 0 < lo <= hi <= 100")
+        # A crop of area fraction s and ratio multiple r fits iff s <= min(r, 1/r): some r in the range
+        # must allow the smallest area.
+        if r_lo > 1.0 / s_lo or r_hi < s_lo:
+            raise ValueError(
+                f"crop_ratio [{r_lo}, {r_hi}] with crop_scale [{s_lo}, {s_hi}]: no crop fits in the "
+                f"image (need ratio in [{s_lo:g}, {1.0 / s_lo:g}] somewhere)"
+            )
+        return self
+
+    @property
+    def crops(self) -> bool:
+        """True if the crop can differ from the whole image."""
+        return self.crop_scale != (1.0, 1.0) or self.crop_ratio != (1.0, 1.0)
+
+    @property
+    def active(self) -> bool:
+        """True if any augmentation is drawn (off: packs are exactly those of a navit without it)."""
+        return self.crops or self.hflip > 0.0
+
+
 class OutputConfig(_Stage):
     """Shard layout for `navit pack`."""
 
@@ -159,13 +210,17 @@ class PackConfig(_Stage):
     token_drop: TokenDropConfig = TokenDropConfig()
     packing: PackingConfig = PackingConfig()
     decode: DecodeConfig = DecodeConfig()
+    augment: AugmentConfig = AugmentConfig()
     output: OutputConfig = OutputConfig()
 
     def fingerprint(self) -> str:
         """Stable hash of the resolved config: equal fingerprints ⇒ identical output."""
         import hashlib
 
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        # Augmentation off writes exactly what a navit without the section wrote: leave it out, so
+        # packs made before it existed keep their fingerprint (and --resume still accepts them).
+        exclude = None if self.augment.active else {"augment"}
+        blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -220,6 +275,22 @@ def parse_token_drop(spec: str) -> dict[str, Any]:
     raise ConfigError(
         f"--token-drop '{spec}': expected none, constant:RATE, beta:MEAN:MAX or resolution:MIN:MAX[:JITTER]"
     )
+
+
+def parse_crop(spec: str) -> dict[str, Any]:
+    """'off' | 'SCALE_LO:SCALE_HI' | 'SCALE_LO:SCALE_HI:RATIO_LO:RATIO_HI' → augment field dict.
+
+    With only the area range given, the ratio range is [3/4, 4/3] (torchvision's default)."""
+    parts = spec.strip().lower().split(":")
+    if parts in (["off"], ["none"]):
+        return {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0)}
+    if len(parts) not in (2, 4):
+        raise ConfigError(
+            f"--crop '{spec}': expected off, SCALE_LO:SCALE_HI or SCALE_LO:SCALE_HI:RATIO_LO:RATIO_HI"
+        )
+    vals = _floats(spec, parts, len(parts), "--crop")
+    ratio = (vals[2], vals[3]) if len(vals) == 4 else (3.0 / 4.0, 4.0 / 3.0)
+    return {"crop_scale": (vals[0], vals[1]), "crop_ratio": ratio}
 
 
 # ----------------------------------------------------------------------------------------------------

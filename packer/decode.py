@@ -10,8 +10,10 @@ test replays it):
 4. decode, then apply the EXIF orientation (the same transposes as ``ImageOps.exif_transpose``);
 5. convert any mode to RGB (alpha composited on ``decode.background``; 16-bit scaled, not clipped;
    first frame of animations);
-6. antialiased resize (bicubic, ``reducing_gap``) to exactly (grid_w·p, grid_h·p);
-7. patchify to uint8 tokens (n_full, p·p·3), each patch in (row, col, channel) order, and keep the
+6. augmenting (:mod:`packer.augment`): cut the planned crop box out of the upright image;
+7. antialiased resize (bicubic, ``reducing_gap``) to exactly (grid_w·p, grid_h·p); augmenting: mirror
+   it left-right when the plan says so;
+8. patchify to uint8 tokens (n_full, p·p·3), each patch in (row, col, channel) order, and keep the
    planned tokens (:func:`packer.sampling.kept_token_indices`).
 
 Every failure is a :class:`DecodeError` whose ``reason`` is one user-readable line; the pipeline
@@ -231,23 +233,36 @@ def decode_rgb(
     data: bytes,
     target_wh: tuple[int, int] | None,
     cfg: DecodeConfig,
+    crop: tuple[int, int, int, int] | None = None,
 ) -> tuple[Image.Image, Box | None]:
     """Bytes → (upright RGB image, source box), decoded at a reduced JPEG scale when that still covers
-    ``target_wh`` (upright width, height). Not resized. DecodeError on any failure.
+    ``target_wh`` (upright width, height) — for the ``crop`` (x0, y0, x1, y1 in upright source
+    pixels) when one is given. Not resized. DecodeError on any failure.
 
-    The box is None, or the region of the image that holds the original extent: when the DCT scale
-    does not divide the size, the last row/column of the scaled image is partial, and resizing that box
-    (not the whole image) maps the original extent exactly."""
+    The box is None, or the region of the image that holds the original extent (or the crop): when
+    the DCT scale does not divide the size, the last row/column of the scaled image is partial, and
+    resizing that box (not the whole image) maps the original extent exactly."""
     img = open_image(data, cfg.max_pixels)
     orientation = exif_orientation(img)
+    swap = orientation in (5, 6, 7, 8)  # stored with width and height swapped
+    upright_wh = (img.size[1], img.size[0]) if swap else img.size
+    if crop is not None and not (
+        0 <= crop[0] < crop[2] <= upright_wh[0] and 0 <= crop[1] < crop[3] <= upright_wh[1]
+    ):
+        # The plan drew the crop from this file's header: a different size means the file changed.
+        raise DecodeError(f"crop box {tuple(crop)} outside the {upright_wh[0]}x{upright_wh[1]} image")
     box: Box | None = None
     try:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animations: the first frame
         if cfg.jpeg_draft and target_wh is not None and img.format == "JPEG":
             tw, th = target_wh
-            # The request is in stored orientation: 5-8 are stored with width and height swapped.
-            req = (th, tw) if orientation in (5, 6, 7, 8) else (tw, th)
+            if crop is not None:  # the crop must cover the target: ask for the whole image scaled alike
+                cw, ch = max(crop[2] - crop[0], 1), max(crop[3] - crop[1], 1)
+                tw = -(-tw * upright_wh[0] // cw)
+                th = -(-th * upright_wh[1] // ch)
+            # The request is in stored orientation.
+            req = (th, tw) if swap else (tw, th)
             res = img.draft(img.mode, req)
             if res is not None:
                 box = res[1]
@@ -269,7 +284,18 @@ def decode_rgb(
         if box is not None:
             box = _transpose_box(box, img.size, orientation)
         img = img.transpose(_ORIENT_TRANSPOSE[orientation])
+    if crop is not None:
+        box = _crop_box(crop, box or (0.0, 0.0, float(img.width), float(img.height)), upright_wh)
     return img, box
+
+
+def _crop_box(crop: tuple[int, int, int, int], extent: Box, upright_wh: tuple[int, int]) -> Box:
+    """Where the crop (in full-size upright pixels) lies in the decoded image whose ``extent`` box
+    holds the full upright image (the whole image, unless JPEG-draft scaled)."""
+    ex0, ey0, ex1, ey1 = extent
+    sx, sy = (ex1 - ex0) / upright_wh[0], (ey1 - ey0) / upright_wh[1]
+    x0, y0, x1, y1 = crop
+    return (ex0 + x0 * sx, ey0 + y0 * sy, ex0 + x1 * sx, ey0 + y1 * sy)
 
 
 def _transpose_box(box: Box, stored_size: tuple[int, int], orientation: int) -> Box:
@@ -296,6 +322,17 @@ def _transpose_box(box: Box, stored_size: tuple[int, int], orientation: int) -> 
 # ----------------------------------------------------------------------------------------------------
 # 6-7. Resize, patchify, keep
 # ----------------------------------------------------------------------------------------------------
+
+
+def cut_box(img: Image.Image, box: Box) -> tuple[Image.Image, Box | None]:
+    """Cut the whole pixels covering ``box`` out of ``img``: (the cut, ``box`` relative to it, or None
+    when it is the whole cut). A crop then resizes without its filter reading pixels outside the crop
+    (Pillow's resize box reads beyond its edges); an integer box is an exact ``img.crop(box)``."""
+    x0, y0 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
+    x1, y1 = min(int(np.ceil(box[2])), img.width), min(int(np.ceil(box[3])), img.height)
+    cut = img.crop((x0, y0, x1, y1))
+    rel = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    return cut, None if rel == (0.0, 0.0, float(cut.width), float(cut.height)) else rel
 
 
 def resize_exact(img: Image.Image, width: int, height: int, box: Box | None = None) -> np.ndarray:
@@ -354,18 +391,32 @@ def kept_indices(seed: int, epoch: int, key: str, n_full: int, n_kept: int) -> n
 
 
 def load_resized(
-    source: str | bytes, grid_h: int, grid_w: int, patch_size: int, cfg: DecodeConfig
+    source: str | bytes,
+    grid_h: int,
+    grid_w: int,
+    patch_size: int,
+    cfg: DecodeConfig,
+    crop: tuple[int, int, int, int] | None = None,
+    hflip: bool = False,
 ) -> np.ndarray:
-    """Path/URI or bytes → the planned-size RGB image (grid_h·p, grid_w·p, 3) uint8. DecodeError."""
+    """Path/URI or bytes → the planned-size RGB image (grid_h·p, grid_w·p, 3) uint8. DecodeError.
+
+    Augmentation (packer.augment): ``crop`` (x0, y0, x1, y1 in upright source pixels) is cut out
+    before resizing, and ``hflip`` mirrors the resized image; PNG / non-draft sources give exactly
+    ``flip(orient(img).crop(crop).resize(size, BICUBIC, reducing_gap=3))``."""
     data = read_bytes(source) if isinstance(source, str) else source
     if not data:
         raise DecodeError("zero-byte file")
     tw, th = grid_w * patch_size, grid_h * patch_size
-    img, box = decode_rgb(data, (tw, th), cfg)
+    img, box = decode_rgb(data, (tw, th), cfg, crop)
     try:
-        return resize_exact(img, tw, th, box)
+        if box is not None and crop is not None:
+            img, box = cut_box(img, box)
+        arr = resize_exact(img, tw, th, box)
     except (OSError, ValueError) as e:
         raise DecodeError(f"cannot resize: {_one_line(e)}") from None
+    # Flip after the resize: exact on uint8 pixels, and fewer pixels to move.
+    return np.ascontiguousarray(arr[:, ::-1]) if hflip else arr
 
 
 def decode_tokens(
@@ -380,12 +431,15 @@ def decode_tokens(
     key: str,
     cfg: DecodeConfig,
     out: np.ndarray | None = None,
+    crop: tuple[int, int, int, int] | None = None,
+    hflip: bool = False,
 ) -> Tokens:
-    """The whole per-image job: read → decode → resize → patchify → keep the planned tokens.
+    """The whole per-image job: read → decode → (crop) → resize → (flip) → patchify → keep the
+    planned tokens.
 
     ``out`` (n_kept, p*p*3) uint8 receives the patches in place (see :func:`select_tokens`); it is
     left untouched when decoding fails."""
-    arr = load_resized(source, grid_h, grid_w, patch_size, cfg)
+    arr = load_resized(source, grid_h, grid_w, patch_size, cfg, crop, hflip)
     keep = kept_indices(seed, epoch, key, grid_h * grid_w, n_kept)
     return select_tokens(arr, patch_size, keep, out)
 

@@ -2,7 +2,8 @@
 
 :func:`shard_tasks` cuts an epoch's :class:`~packer.plan_types.Plan` into shard tasks: small JSON
 strings, each naming a fixed group of consecutive sequences and everything needed to build them
-(paths, keys, planned grids, kept-token counts, labels, image ids, layout). :func:`build_shard`
+(paths, keys, planned grids, kept-token counts, labels, image ids, layout, and the crop box and
+flip of each image when augmenting). :func:`build_shard`
 executes one task: it decodes each image into its kept patches (:mod:`packer.decode`), lays each
 sequence's images end to end, zero-pads the tail and returns the shard table plus small metadata.
 
@@ -77,17 +78,19 @@ def shard_tasks(plan: Plan, seed: int, shard_rows: int, first_shard: int = 0) ->
         for s in range(s0, s1):
             members = []
             for i in plan.sequence(s).tolist():
-                members.append(
-                    {
-                        "id": int(plan.image_id[i]),
-                        "path": plan.path[i],
-                        "key": plan.key[i],
-                        "label": int(plan.label[i]),
-                        "gh": int(plan.grid_h[i]),
-                        "gw": int(plan.grid_w[i]),
-                        "nk": int(plan.n_kept[i]),
-                    }
-                )
+                member = {
+                    "id": int(plan.image_id[i]),
+                    "path": plan.path[i],
+                    "key": plan.key[i],
+                    "label": int(plan.label[i]),
+                    "gh": int(plan.grid_h[i]),
+                    "gw": int(plan.grid_w[i]),
+                    "nk": int(plan.n_kept[i]),
+                }
+                if plan.crop is not None:  # augmenting; absent otherwise, so such tasks are unchanged
+                    member["crop"] = list(plan.crop_box(i))
+                    member["flip"] = plan.flipped(i)
+                members.append(member)
             rows.append(members)
         task = {
             "shard": first_shard + k,
@@ -138,6 +141,8 @@ def build_shard(task_json: str, cfg: PackConfig) -> tuple[pa.Table, ShardResult]
                     epoch=epoch,
                     key=m["key"],
                     cfg=cfg.decode,
+                    crop=tuple(m["crop"]) if "crop" in m else None,
+                    hflip=bool(m.get("flip", False)),
                     out=patches[r, cursor : cursor + nk],  # decoded straight into the row
                 )
             except DecodeError as e:

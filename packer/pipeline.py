@@ -42,7 +42,7 @@ from packer.config import PackConfig
 from packer.errors import DataError, NavitError
 from packer.layout import ShardResult, build_shard_bytes, shard_tasks, task_digest
 from packer.plan_types import Plan
-from packer.sources import printable
+from packer.sources import UNREADABLE_FOLDER, printable
 
 STATE_DIR = ".navit-pack"
 STATE_FILE = f"{STATE_DIR}/state.json"
@@ -105,6 +105,9 @@ def _shard_udf(batch: pa.Table, cfg_json: str, out: str | None, return_data: boo
         sidecar = dict(meta, fingerprint=cfg.fingerprint())
         blob = json.dumps(sidecar, sort_keys=True, separators=(",", ":")).encode()
         schema.atomic_write_bytes(fs, schema.join(base, sidecar_name(result.shard)), blob)
+    # Which Ray node built the shard: reported to the driver (the pack summary counts shards per node)
+    # but written nowhere, so the pack's files stay identical whatever the cluster.
+    meta["node_id"] = _ray_node_id()
     return pa.table(
         {
             "shard": pa.array([result.shard], pa.int64()),
@@ -112,6 +115,15 @@ def _shard_udf(batch: pa.Table, cfg_json: str, out: str | None, return_data: boo
             "data": _one_binary(data if return_data else pa.py_buffer(b"")),
         }
     )
+
+
+def _ray_node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not inside a Ray worker (a direct call)
+        return "local"
 
 
 def _one_binary(buf: pa.Buffer) -> pa.Array:
@@ -381,6 +393,7 @@ class PackResult:
     rejected_by_reason: dict[str, int]
     exec_seconds: float = 0.0  # building shards (Ray Data jobs) only
     images_built: int = 0  # images handled (packed or rejected at pack) in the shards built
+    shards_by_node: dict[str, int] = field(default_factory=dict)  # Ray node id -> shards it built
 
 
 def pack(
@@ -410,6 +423,7 @@ def pack(
     epochs: list[EpochRecord] = []
     next_shard = 0
     built = reused = images_built = 0
+    by_node: dict[str, int] = {}
     exec_seconds = 0.0
     scan = None
     if planner is None:
@@ -446,6 +460,8 @@ def pack(
             metas[meta["shard"]] = meta
             built += 1
             images_built += int(meta["images"]) + len(meta["rejections"])
+            node = str(meta.pop("node_id", "unknown"))
+            by_node[node] = by_node.get(node, 0) + 1
             progress.shard_done(meta, reused=False)
         exec_seconds += time.perf_counter() - t_exec
         record.metas = [metas[json.loads(t)["shard"]] for t in tasks]
@@ -462,7 +478,9 @@ def pack(
     index = build_index(cfg, source, epochs)
     schema.atomic_write_bytes(fs, schema.join(base, schema.INDEX_FILE), schema.dumps_index(index))
     progress.close()
-    return PackResult(index, built, reused, time.perf_counter() - t0, by_reason, exec_seconds, images_built)
+    return PackResult(
+        index, built, reused, time.perf_counter() - t0, by_reason, exec_seconds, images_built, by_node
+    )
 
 
 def _check_plan(plan: Plan, cfg: PackConfig, epoch: int) -> None:
@@ -470,6 +488,12 @@ def _check_plan(plan: Plan, cfg: PackConfig, epoch: int) -> None:
         raise DataError(f"epoch {epoch}: plan geometry ({plan.seq_len}, {plan.patch_size}) != config")
     if plan.epoch != epoch:
         raise DataError(f"plan for epoch {plan.epoch} given as epoch {epoch}")
+
+
+def _augment_record(plan: Plan, i: int) -> dict[str, Any]:
+    """images.parquet's augmentation columns of plan position i (whole image, unflipped when off)."""
+    x0, y0, x1, y1 = plan.crop_box(i)
+    return {"crop_x0": x0, "crop_y0": y0, "crop_x1": x1, "crop_y1": y1, "hflip": plan.flipped(i)}
 
 
 def _images_and_rejections(epochs: list[EpochRecord]) -> tuple[pa.Table, list[str], dict[str, int]]:
@@ -512,6 +536,7 @@ def _images_and_rejections(epochs: list[EpochRecord]) -> tuple[pa.Table, list[st
                         "row": row,
                         "segment": seg,
                         "rejected_reason": reason,
+                        **_augment_record(plan, i),
                     },
                 )
             )
@@ -534,6 +559,8 @@ def _images_and_rejections(epochs: list[EpochRecord]) -> tuple[pa.Table, list[st
                         "row": -1,
                         "segment": -1,
                         "rejected_reason": rej.reason,
+                        **dict.fromkeys(("crop_x0", "crop_y0", "crop_x1", "crop_y1"), -1),
+                        "hflip": False,
                     },
                 )
             )
@@ -570,6 +597,8 @@ def _epoch_totals(rec: EpochRecord, seq_len: int) -> dict[str, Any]:
         "images_rejected": plan_rejected + pack_rejected,
         "images_rejected_at_plan": plan_rejected,
         "images_rejected_at_pack": pack_rejected,
+        # Folders that could not be listed (each one rejected input; the images in them are unknown).
+        "folders_unreadable": sum(r.reason.startswith(UNREADABLE_FOLDER + ":") for r in plan.rejected),
         "sequences": sequences,
         "real_tokens": real,
         "padding_tokens": padding,
@@ -590,6 +619,7 @@ def build_index(cfg: PackConfig, source: str, epochs: list[EpochRecord]) -> dict
         "images_rejected",
         "images_rejected_at_plan",
         "images_rejected_at_pack",
+        "folders_unreadable",
         "sequences",
         "real_tokens",
         "padding_tokens",

@@ -1,4 +1,4 @@
-"""The planner: source listing → header scan → sampled sizes and drop draws → bins. No pixel decoded.
+"""The planner: source listing → header scan → crop, size and drop draws → bins. No pixel decoded.
 
 :func:`scan_source` does the I/O once (listing and headers); :func:`make_plan` is pure and cheap, so
 ``navit plan --seq-len 256,512,1024`` scans once and plans three times. :func:`plan_source` is both
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from packer import binpack
+from packer.augment import sample_crops
 from packer.config import PackConfig
 from packer.headers import Headers, scan_headers
 from packer.plan_types import Plan, Rejection
@@ -116,13 +117,16 @@ def pack_partitioned(lengths: np.ndarray, cfg: PackConfig) -> tuple[np.ndarray, 
 
 
 def make_plan(scan: Scan, cfg: PackConfig, epoch: int = 0) -> Plan:
-    """Sample sizes and drops for every readable input, pack them, and record every rejection."""
+    """Draw crops (when augmenting), sizes and drops for every readable input, pack them, and record
+    every rejection."""
     listing, headers = scan.listing, scan.headers
     ok = np.array([not r for r in headers.reason], dtype=bool)
     ids = np.flatnonzero(ok)  # plan position → image_id
     keys = [listing.keys[i] for i in ids]
     orig_h, orig_w = headers.height[ids], headers.width[ids]
-    s = sample_sizes(orig_h, orig_w, keys, cfg, epoch)
+    # Augmentation first: resolution sampling sizes the crop, so the plan knows its token count.
+    crops = sample_crops(orig_h, orig_w, keys, cfg, epoch)
+    s = sample_sizes(crops.height, crops.width, keys, cfg, epoch)
     n_full, n_kept = s["n_full"], s["n_kept"]
     offsets, members = pack_partitioned(n_kept.astype(np.int64), cfg)
     if cfg.packing.exact_fill and cfg.token_drop.kind != "none":
@@ -149,6 +153,8 @@ def make_plan(scan: Scan, cfg: PackConfig, epoch: int = 0) -> Plan:
         seq_members=members.astype(np.int64),
         rejected=rejected,
         classes=list(listing.classes),
+        crop=np.stack([crops.x0, crops.y0, crops.x1, crops.y1], axis=1) if cfg.augment.active else None,
+        hflip=crops.hflip if cfg.augment.active else None,
     )
 
 

@@ -48,6 +48,20 @@ class Plan:
     seq_members: np.ndarray  # int64, plan positions in layout order
     rejected: list[Rejection] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)  # label index → class name
+    # Pack-time augmentation (packer.augment), None when off (= whole image, no flip): the crop box
+    # (n, 4) int32 x0, y0, x1, y1 in oriented source pixels, and hflip (n,) bool.
+    crop: np.ndarray | None = None
+    hflip: np.ndarray | None = None
+
+    def crop_box(self, i: int) -> tuple[int, int, int, int]:
+        """Plan position i's crop (x0, y0, x1, y1) in oriented source pixels (whole image when off)."""
+        if self.crop is None:
+            return 0, 0, int(self.orig_w[i]), int(self.orig_h[i])
+        x0, y0, x1, y1 = (int(v) for v in self.crop[i])
+        return x0, y0, x1, y1
+
+    def flipped(self, i: int) -> bool:
+        return bool(self.hflip[i]) if self.hflip is not None else False
 
     @property
     def num_sequences(self) -> int:

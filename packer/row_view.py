@@ -2,8 +2,9 @@
 
 This module owns locating a row (global across shards, or within one shard), reconstructing each
 segment's image from its kept patches and their (pos_h, pos_w) positions, the text summary of a row
-and its PNG rendering. Dropped tokens are painted :data:`DROPPED_RGB` (magenta: a colour natural
-images rarely have in flat 1-patch blocks), so a picture shows exactly what the model sees.
+and its PNG rendering (with each image's source crop box and flip from images.parquet). Dropped
+tokens are painted :data:`DROPPED_RGB` (magenta: a colour natural images rarely have in flat 1-patch
+blocks), so a picture shows exactly what the model sees.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class SegmentView:
     start: int  # first token of the segment in the row
     canvas: np.ndarray
     mask: np.ndarray
+    # From images.parquet (None when not recorded): the crop (x0, y0, x1, y1) in upright source
+    # pixels that was resized to the grid, and whether it was mirrored (pack-time augmentation).
+    crop: tuple[int, int, int, int] | None = None
+    hflip: bool | None = None
 
 
 @dataclass
@@ -156,6 +161,9 @@ def read_row(data_dir: str, row: int, shard: int | None = None) -> RowView:
                 mask=mask,
             )
         )
+    records = _augment_records(data_dir, int(entry.get("epoch", 0)), [s.image_id for s in segments])
+    for s in segments:
+        s.crop, s.hflip = records.get(s.image_id, (None, None))
     classes = index.get("classes") or (index.get("config") or {}).get("classes") or []
     before = sum(int(e["rows"]) for e in index["shards"][:k])
     return RowView(
@@ -173,6 +181,31 @@ def read_row(data_dir: str, row: int, shard: int | None = None) -> RowView:
     )
 
 
+def _augment_records(
+    data_dir: str, epoch: int, image_ids: list[int]
+) -> dict[int, tuple[tuple[int, int, int, int] | None, bool | None]]:
+    """image_id → (crop box, hflip) of this epoch's images from images.parquet; empty if the file
+    cannot be read (inspect still shows the row) — older packs read as whole images, unflipped."""
+    if not image_ids:
+        return {}
+    import pyarrow.compute as pc
+
+    try:
+        t = schema.read_images(
+            data_dir,
+            columns=["image_id", *schema.AUGMENT_COLUMNS],
+            filters=(pc.field("epoch") == epoch) & pc.field("image_id").isin(image_ids),
+        )
+    except DataError:
+        return {}
+    out: dict[int, tuple[tuple[int, int, int, int] | None, bool | None]] = {}
+    for r in t.to_pylist():
+        box = (r["crop_x0"], r["crop_y0"], r["crop_x1"], r["crop_y1"])
+        ok = None not in box and min(box) >= 0  # type: ignore[operator]
+        out[int(r["image_id"])] = (box if ok else None, r["hflip"])  # type: ignore[assignment]
+    return out
+
+
 def runs(segment_ids: np.ndarray) -> list[tuple[int, int, int]]:
     """(segment id, first token, length) of each run of equal ids, in order."""
     s = np.asarray(segment_ids)
@@ -188,14 +221,19 @@ def summarize_row(v: RowView) -> str:
     lines = [
         f"row {v.global_row} of {v.dir}: {v.shard_file} row {v.row_in_shard}, epoch {v.epoch}, "
         f"seq_len {v.seq_len}, patch {v.patch_size}, {len(v.segments)} image(s)",
-        f"  {'seg':>3}  {'tokens':>11}  {'image_id':>9}  {'label':<16} {'grid':>7}  {'kept/full':>10}  drop",
+        f"  {'seg':>3}  {'tokens':>11}  {'image_id':>9}  {'label':<16} {'grid':>7}  {'kept/full':>10}  drop"
+        + ("  source crop x0,y0-x1,y1  flip" if any(s.crop is not None for s in v.segments) else ""),
     ]
     for s in v.segments:
         span = f"{s.start}..{s.start + s.kept - 1}" if s.kept else "-"
         lab = f"{v.label_name(s.label)}" + (f" ({s.label})" if s.label >= 0 else "")
+        aug = ""
+        if s.crop is not None:
+            aug = f"  crop {s.crop[0]},{s.crop[1]}-{s.crop[2]},{s.crop[3]}".ljust(26)
+            aug += "  yes" if s.hflip else "  no"
         lines.append(
             f"  {s.segment:>3}  {span:>11}  {s.image_id:>9}  {lab:<16} {s.grid_h:>3}x{s.grid_w:<3}  "
-            f"{f'{s.kept}/{s.full}':>10}  {1 - s.kept / max(s.full, 1):.0%}"
+            f"{f'{s.kept}/{s.full}':>10}  {1 - s.kept / max(s.full, 1):>4.0%}{aug}"
         )
     pad = v.padding
     where = f" at {v.seq_len - pad}..{v.seq_len - 1}" if pad else ""
@@ -235,7 +273,12 @@ def render_row_png(v: RowView, out: Path) -> tuple[int, int]:
         )
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel(f"image {s.image_id}", fontsize=8)
+        where = ""
+        if s.crop is not None:
+            where = f"\ncrop {s.crop[0]},{s.crop[1]}-{s.crop[2]},{s.crop[3]}" + (
+                ", flipped" if s.hflip else ""
+            )
+        ax.set_xlabel(f"image {s.image_id}{where}", fontsize=8)
     if not v.segments:
         fig.add_subplot(gs[0, 0]).text(0.5, 0.5, "no images", ha="center")
     strip = fig.add_subplot(gs[rows, :])

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -116,8 +117,51 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("row", pa.int32()),
         pa.field("segment", pa.int32()),  # 1-based, as in segment_ids
         pa.field("rejected_reason", pa.string()),  # null if packed
+        # Pack-time augmentation (packer.augment): the crop box in upright (EXIF-oriented) source
+        # pixels, columns crop_x0 <= x < crop_x1, rows crop_y0 <= y < crop_y1 (the whole image when
+        # not augmenting; -1 if rejected before planning), and whether the resized crop was mirrored
+        # left-right. Packs written before these columns existed lack them: see read_images.
+        pa.field("crop_x0", pa.int32()),
+        pa.field("crop_y0", pa.int32()),
+        pa.field("crop_x1", pa.int32()),
+        pa.field("crop_y1", pa.int32()),
+        pa.field("hflip", pa.bool_()),
     ]
 )
+AUGMENT_COLUMNS = ("crop_x0", "crop_y0", "crop_x1", "crop_y1", "hflip")
+
+
+def read_images(data_dir: str, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
+    """Read ``images.parquet`` (optionally some columns / a pyarrow ``filters`` expression), with the
+    augmentation columns filled in for packs written before they existed: those packs never
+    augmented, so every planned image's crop is the whole image (0, 0, orig_w, orig_h), unflipped.
+    DataError (one line) if the file is missing or unreadable."""
+    fs, base = resolve_fs(data_dir)
+    path = join(base, IMAGES_FILE)
+    try:
+        with fs.open_input_file(path) as f:
+            present = set(pq.read_schema(f).names)
+            wanted = list(columns) if columns is not None else [fld.name for fld in IMAGES_SCHEMA]
+            missing = [c for c in wanted if c in AUGMENT_COLUMNS and c not in present]
+            read = [c for c in wanted if c in present]
+            if missing:
+                read += [c for c in ("orig_h", "orig_w", "grid_h") if c not in read]
+            table = pq.read_table(f, columns=read, filters=filters)
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{data_dir}/{IMAGES_FILE}: cannot be read ({str(e).splitlines()[0]})") from None
+    if missing:
+        planned = pc.greater_equal(table.column("grid_h"), 0)
+        fill = {
+            "crop_x0": pc.if_else(planned, 0, -1),
+            "crop_y0": pc.if_else(planned, 0, -1),
+            "crop_x1": pc.if_else(planned, table.column("orig_w"), -1),
+            "crop_y1": pc.if_else(planned, table.column("orig_h"), -1),
+            "hflip": pa.array(np.zeros(table.num_rows, bool)),
+        }
+        for c in missing:
+            field = IMAGES_SCHEMA.field(c)
+            table = table.append_column(field, fill[c].cast(field.type))
+    return table.select(wanted)
 
 
 # ----------------------------------------------------------------------------------------------------
