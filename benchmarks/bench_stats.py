@@ -110,6 +110,11 @@ def build(out: Path, total_rows: int, seq_len: int, shard_rows: int, seed: int =
             ("shard", np.full(nimg, k)),
             ("row", m["row"]),
             ("segment", m["segment"]),
+            ("crop_x0", np.zeros(nimg)),  # whole images, unflipped (no augmentation)
+            ("crop_y0", np.zeros(nimg)),
+            ("crop_x1", m["gw"] * 9),
+            ("crop_y1", m["gh"] * 7),
+            ("hflip", np.zeros(nimg, bool)),
         ):
             cols[key].append(val)
         next_id += nimg
