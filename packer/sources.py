@@ -8,7 +8,9 @@ that order. Nothing is opened here beyond directory listings and the manifest it
   every file with an accepted extension (any case) is an input; the label is the first-level folder
   name (ImageFolder; classes sorted) or -1 with ``source.labels=none``. Files directly under the root
   are unlabeled (-1). Hidden files/folders and files with other extensions are *skipped* and reported
-  (they are not inputs, so not counted in ``images_in``).
+  (they are not inputs, so not counted in ``images_in``). A sub-folder that cannot be listed
+  (permissions, I/O error) is one *rejected* input, key ``its/path/``, reason ``unreadable folder:
+  …``: its images are unknown, and a silent skip would lose them. An unlistable root is an error.
 * Manifest (``.csv``, ``.jsonl``/``.ndjson``, ``.parquet``) with a ``path`` column and optional
   ``label``: every row is an input. String labels map to sorted class indices; integer labels are kept
   (null → -1). Relative paths resolve against the manifest's folder. A repeated path, an empty path or
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +32,7 @@ from packer.plan_types import Rejection
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 DUPLICATE_REASON = "duplicate path in manifest"
+UNREADABLE_FOLDER = "unreadable folder"  # reason prefix of a folder that could not be listed
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,17 @@ def _list_local_dir(source: str, cfg: SourceConfig) -> Listing:
     root = os.path.abspath(source)
     skipped: list[Skipped] = []
     found: list[tuple[str, str]] = []  # (rel key, absolute path)
+    unlisted: list[tuple[str, str, str]] = []  # folders that could not be listed: (key, path, reason)
 
     def onerror(e: OSError) -> None:
-        skipped.append(Skipped(str(e.filename), f"unreadable folder: {e.strerror or e}"))
+        # os.walk could not list a folder: its images are unknown, so it is recorded as a rejected
+        # input (key = its relative path + "/"), never dropped silently.
+        why = (e.strerror or type(e).__name__).lower()
+        path = os.path.abspath(str(e.filename)) if e.filename is not None else root
+        if path == root:
+            raise NavitError(f"source {source}: cannot list the source folder ({why})")
+        rel = os.path.relpath(path, root).replace(os.sep, "/") + "/"
+        unlisted.append((rel, path, f"{UNREADABLE_FOLDER}: {why}"))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
@@ -134,7 +146,7 @@ def _list_local_dir(source: str, cfg: SourceConfig) -> Listing:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             found.append((rel_dir + name, os.path.join(dirpath, name)))
-    return _from_files(source, found, cfg, skipped)
+    return _from_files(source, found, cfg, skipped, unlisted)
 
 
 def _list_uri_dir(source: str, cfg: SourceConfig) -> Listing:
@@ -159,7 +171,11 @@ def _list_uri_dir(source: str, cfg: SourceConfig) -> Listing:
 
 
 def _from_files(
-    source: str, found: list[tuple[str, str]], cfg: SourceConfig, skipped: list[Skipped]
+    source: str,
+    found: list[tuple[str, str]],
+    cfg: SourceConfig,
+    skipped: list[Skipped],
+    unlisted: Sequence[tuple[str, str, str]] = (),
 ) -> Listing:
     keep: list[tuple[str, str]] = []
     for rel, path in sorted(found):
@@ -170,6 +186,9 @@ def _from_files(
             skipped.append(Skipped(path, f"not an image extension: {ext}"))
         else:
             keep.append((rel, path))
+    # Unlistable folders take their place in key order (a key ending in "/" never equals a file's).
+    folder_reason = {rel: reason for rel, _, reason in unlisted}
+    keep = sorted(keep + [(rel, path) for rel, path, _ in unlisted])
     classes: list[str] = []
     labels = np.full(len(keep), -1, dtype=np.int64)
     if cfg.labels == "folder":
@@ -179,12 +198,18 @@ def _from_files(
         labels = np.array([index.get(f, -1) if f else -1 for f in folder], dtype=np.int64)
         classes = [printable(c) for c in classes]  # names only: sorted (and indexed) by the raw name
     skipped.sort(key=lambda s: s.path)
+    rejected = [
+        Rejection(i, path, folder_reason[rel], int(labels[i]))
+        for i, (rel, path) in enumerate(keep)
+        if rel in folder_reason
+    ]
     return Listing(
         source=source,
         paths=[p for _, p in keep],
         keys=[r for r, _ in keep],
         labels=labels,
         classes=classes,
+        rejected=rejected,
         skipped=skipped,
     )
 

@@ -10,6 +10,7 @@ pack locked its --out, and a bad --out was a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -217,3 +218,83 @@ def test_pack_writes_undecodable_names_escaped_and_packs_them(odd_names: Path, t
     assert [json.loads(x)["path"].endswith("a/broken\\xff.png") for x in lines] == [True]
     index = schema.read_index(str(out))
     assert index["classes"] == ["a", "caf\\xe9"] and index["totals"]["images_packed"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Item 8: a folder that cannot be listed is recorded, never dropped silently
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_unlistable(monkeypatch: pytest.MonkeyPatch, *folders: Path) -> None:
+    """Listing ``folders`` fails with EACCES, as after ``chmod 000`` — which root would ignore, so
+    the failure is injected where os.walk lists a folder (os.scandir)."""
+    real = os.scandir
+    blocked = {os.path.abspath(f) for f in folders}
+
+    def scandir(path: str | bytes | int = "."):
+        if not isinstance(path, int) and os.path.abspath(os.fsdecode(path)) in blocked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.fixture()
+def locked_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "src"
+    for k, rel in enumerate(("a/1.jpg", "b/locked/2.jpg", "c/4.jpg", "locked/3.jpg")):
+        _write(root, rel, _jpeg(k))
+    make_unlistable(monkeypatch, root / "b" / "locked", root / "locked")
+    return root
+
+
+def test_unreadable_subfolder_is_a_rejection_not_a_silent_skip(locked_tree: Path) -> None:
+    from packer.report import plan_report
+    from packer.sources import list_source
+
+    root = locked_tree
+    lst = list_source(str(root))
+    assert lst.keys == ["a/1.jpg", "b/locked/", "c/4.jpg", "locked/"]
+    assert [(r.image_id, r.reason) for r in lst.rejected] == [
+        (1, "unreadable folder: permission denied"),
+        (3, "unreadable folder: permission denied"),
+    ]
+    assert lst.rejected[0].path == str(root / "b" / "locked")
+    # The folder keeps the label its images would have had (so class indices do not shift).
+    assert lst.classes == ["a", "b", "c", "locked"] and lst.labels.tolist() == [0, 1, 2, 3]
+    assert lst.skipped == []
+    cfg = _cfg()
+    plan = make_plan(scan_source(str(root), cfg, use_ray=False), cfg)
+    assert len(plan.image_id) == 2 and len(plan.rejected) == 2
+    rep = plan_report(plan, cfg)
+    assert rep["images_in"] == 4 and rep["rejected_by_reason"] == {"unreadable folder": 2}
+
+
+def test_unreadable_source_root_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from packer.errors import NavitError
+    from packer.sources import list_source
+
+    _write(tmp_path / "src", "a/1.jpg", _jpeg(0))
+    make_unlistable(monkeypatch, tmp_path / "src")
+    with pytest.raises(NavitError, match=r"cannot list the source folder \(permission denied\)"):
+        list_source(str(tmp_path / "src"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pack_records_and_summarises_unreadable_folders(locked_tree: Path, tmp_path: Path, ray_session):
+    from packer import schema
+
+    out = tmp_path / "out"
+    res = _pack_cli(locked_tree, out)
+    assert res.exit_code == 0, res.output
+    assert "4 in = 2 packed + 2 rejected" in res.output
+    assert "2 folders could not be listed" in res.output
+    lines = [json.loads(x) for x in (out / schema.REJECTED_FILE).read_text().splitlines()]
+    assert [(os.path.relpath(x["path"], str(locked_tree)), x["reason"]) for x in lines] == [
+        ("b/locked", "unreadable folder: permission denied"),
+        ("locked", "unreadable folder: permission denied"),
+    ]
+    totals = schema.read_index(str(out))["totals"]
+    assert totals["images_in"] == totals["images_packed"] + totals["images_rejected"] == 4
+    assert totals["folders_unreadable"] == 2
