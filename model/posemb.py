@@ -28,6 +28,19 @@ from torch import nn
 POSEMB_KINDS = ("learned", "sincos", "fourier", "absolute")
 
 
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]``: (K, D) table, (...) int64 indices -> (..., D), with a run-to-run
+    deterministic backward.
+
+    Not ``table[idx]``: its backward (``index_put_`` with accumulate) splits the token rows over
+    threads on CPU and adds them into the table with atomics, so with more than one intra-op thread
+    the summation order, hence the low bits of the gradient, change from run to run (two identical
+    training runs drifted apart from step 2). ``index_select``'s backward is ``index_add_``, which
+    on CPU adds rows in index order whatever the thread count; it was also the fastest of the
+    formulations measured in benchmarks/bench_posemb.py (see docs/model.md)."""
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[-1])
+
+
 class FactorizedPosEmb(nn.Module):
     """``forward(pos_hw, grid_hw) -> (..., dim)`` for integer ``pos_hw``/``grid_hw`` of shape (..., 2)."""
 
@@ -75,10 +88,10 @@ class FactorizedPosEmb(nn.Module):
         if self.kind == "learned":
             by = (ry * self.buckets).div(gy, rounding_mode="floor").clamp(0, self.buckets - 1)
             bx = (rx * self.buckets).div(gx, rounding_mode="floor").clamp(0, self.buckets - 1)
-            return self.table_y[by] + self.table_x[bx]  # (..., D)
+            return _lookup(self.table_y, by) + _lookup(self.table_x, bx)  # (..., D)
         if self.kind == "absolute":
             top = self.max_grid - 1
-            return self.table_y[ry.clamp(0, top)] + self.table_x[rx.clamp(0, top)]
+            return _lookup(self.table_y, ry.clamp(0, top)) + _lookup(self.table_x, rx.clamp(0, top))
         fy = ry.float() / gy.float()  # (...) fractional coordinate in [0, 1)
         fx = rx.float() / gx.float()
         if self.kind == "fourier":
