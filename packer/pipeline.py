@@ -290,6 +290,10 @@ def prepare_out_dir(out: str, cfg: PackConfig, source: str, resume: bool) -> tup
     if info.type == pafs.FileType.File:
         raise NavitError(f"--out {out}: is a file, expected a directory")
     entries = _list(fs, base) if info.type == pafs.FileType.Directory else []
+    # Only the state of a run that built nothing (e.g. killed while planning): OUT is not locked.
+    ours = {STATE_DIR, schema.SHARDS_DIR}
+    if entries and {e.base_name for e in entries} <= ours and _holds_no_shard(fs, base):
+        entries = []
     if entries:
         state = _read_json(fs, schema.join(base, STATE_FILE))
         if state is None:
@@ -409,7 +413,67 @@ def pack(
 ) -> PackResult:
     """Plan and pack ``source`` into ``out`` for ``cfg.output.epochs`` epochs; returns the index.
 
-    ``planner(source, cfg, epoch)`` overrides the default planner (tests build plans by hand)."""
+    ``planner(source, cfg, epoch)`` overrides the default planner (tests build plans by hand).
+
+    A run that fails before any shard is on disk leaves OUT as it found it (its state file removed,
+    the folder too if this run created it), so a wrong SOURCE never locks OUT."""
+    from packer.sources import check_source
+
+    check_source(normalize_source(source))  # before OUT is touched
+    fs, base = schema.resolve_fs(normalize_source(out))
+    existed = fs.get_file_info(base).type != pafs.FileType.NotFound
+    try:
+        return _pack(
+            source,
+            out,
+            cfg,
+            workers=workers,
+            ray_address=ray_address,
+            resume=resume,
+            progress=progress,
+            planner=planner,
+        )
+    except BaseException:
+        _release_if_unused(fs, base, remove_dir=not existed)
+        raise
+
+
+def _holds_no_shard(fs: pafs.FileSystem, base: str) -> bool:
+    """True when OUT holds no file but our state file (and temp files): no shard, sidecar, index."""
+    for entry in _list(fs, base, recursive=True):
+        if entry.type != pafs.FileType.File or ".tmp-" in entry.base_name:
+            continue
+        if entry.path.rstrip("/") != schema.join(base, STATE_FILE):
+            return False
+    return True
+
+
+def _release_if_unused(fs: pafs.FileSystem, base: str, remove_dir: bool) -> None:
+    """After a failed run: if OUT holds no shard, remove what this run wrote (the state folder, an
+    empty shards/ folder, and OUT itself when the run created it and it is now empty)."""
+    try:
+        if fs.get_file_info(base).type != pafs.FileType.Directory or not _holds_no_shard(fs, base):
+            return
+        for sub in (STATE_DIR, schema.SHARDS_DIR):
+            if fs.get_file_info(schema.join(base, sub)).type == pafs.FileType.Directory:
+                fs.delete_dir(schema.join(base, sub))  # only temp files or nothing left in it
+        if remove_dir and not _list(fs, base):
+            fs.delete_dir(base)
+    except (OSError, NavitError):  # best effort: never hide the error that failed the run
+        pass
+
+
+def _pack(
+    source: str,
+    out: str,
+    cfg: PackConfig,
+    *,
+    workers: int | None,
+    ray_address: str | None,
+    resume: bool,
+    progress: Progress | None,
+    planner: Callable[[str, PackConfig, int], Plan] | None,
+) -> PackResult:
     t0 = time.perf_counter()
     progress = progress or Progress()
     # Absolute paths: Ray workers (possibly on other nodes) must not depend on the driver's cwd.

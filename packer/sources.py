@@ -109,11 +109,19 @@ def list_source(source: str, cfg: SourceConfig | None = None) -> Listing:
         return list_manifest(source, cfg)
     if _is_uri(source):
         return _list_uri_dir(source, cfg)
+    check_source(source)
+    return _list_local_dir(source, cfg)
+
+
+def check_source(source: str) -> None:
+    """A local source must exist and be a folder or a manifest; NavitError (one line) otherwise.
+    Cheap (one stat), so `navit pack` checks it before touching --out. URIs are checked when listed."""
+    if _is_uri(source):
+        return
     if not os.path.exists(source):
         raise NavitError(f"source not found: {source}")
-    if not os.path.isdir(source):
+    if not source.lower().endswith(MANIFEST_SUFFIXES) and not os.path.isdir(source):
         raise NavitError(f"source {source}: not a directory or a manifest ({', '.join(MANIFEST_SUFFIXES)})")
-    return _list_local_dir(source, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------

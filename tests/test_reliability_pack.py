@@ -298,3 +298,55 @@ def test_pack_records_and_summarises_unreadable_folders(locked_tree: Path, tmp_p
     totals = schema.read_index(str(out))["totals"]
     assert totals["images_in"] == totals["images_packed"] + totals["images_rejected"] == 4
     assert totals["folders_unreadable"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Item 7: a pack that built no shard does not lock its --out
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_missing_source_leaves_out_untouched_and_reusable(tmp_path: Path) -> None:
+    from packer.errors import NavitError
+    from packer.pipeline import STATE_FILE, pack, prepare_out_dir
+
+    cfg = _cfg()
+    out = tmp_path / "m1"
+    with pytest.raises(NavitError, match="source not found"):
+        pack(str(tmp_path / "nonexistent"), str(out), cfg)
+    assert not out.exists()  # validated before anything was written
+    _write(tmp_path / "src", "a/1.jpg", _jpeg(0))
+    prepare_out_dir(str(out), cfg, str(tmp_path / "src"), resume=False)  # the right source: accepted
+    assert (out / STATE_FILE).is_file()
+
+
+def test_out_holding_only_the_state_of_a_run_that_built_nothing_is_free(tmp_path: Path) -> None:
+    """A run killed while planning leaves state.json and no shard: any source may use the folder."""
+    from packer.errors import NavitError
+    from packer.pipeline import STATE_FILE, prepare_out_dir
+
+    cfg, out = _cfg(), tmp_path / "m1"
+    prepare_out_dir(str(out), cfg, "/data/wrong", resume=False)
+    prepare_out_dir(str(out), cfg, "/data/right", resume=False)
+    assert json.loads((out / STATE_FILE).read_text())["source"] == "/data/right"
+    # Once a shard exists the folder is a pack of that source again, and is protected.
+    _write(out, "shards/shard-000000.parquet", b"PAR1")
+    with pytest.raises(NavitError, match="different source"):
+        prepare_out_dir(str(out), cfg, "/data/other", resume=False)
+
+
+@pytest.mark.ray
+def test_failed_planning_removes_the_state_it_wrote(tmp_path: Path, ray_session) -> None:
+    from packer.errors import DataError
+    from packer.pipeline import pack
+
+    _write(tmp_path / "src", "a/1.jpg", _jpeg(0))
+    (tmp_path / "kept").mkdir()
+
+    def planner(source: str, cfg: PackConfig, epoch: int):
+        raise DataError("planning failed")
+
+    for out in (tmp_path / "new", tmp_path / "kept"):
+        with pytest.raises(DataError, match="planning failed"):
+            pack(str(tmp_path / "src"), str(out), _cfg(), planner=planner)
+    assert not (tmp_path / "new").exists()  # created by the failed run: removed again
+    assert list((tmp_path / "kept").iterdir()) == []  # the user's folder: left as it was
