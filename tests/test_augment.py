@@ -325,3 +325,233 @@ def test_read_images_fills_columns_of_packs_older_than_augmentation(tmp_path):
         "image_id",
         "hflip",
     ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Train-time mixup / cutmix (trainer/mixup.py)
+# ----------------------------------------------------------------------------------------------------
+
+P_MIX = 2  # patch side of the synthetic batches (tokens of 2·2·3 = 12 values)
+
+
+def _packed_batch(seed: int, n_rows: int = 3, seq_len: int = 40, drop: bool = True):
+    """A packed batch of images with random grids and dropped tokens. Token values encode their
+    provenance: value 0 = image index, value 1 = cell index (row-major in its grid), the rest noise.
+    Returns (batch dict of tensors, labels (N,), per-image grids [(gh, gw)])."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    p = P_MIX * P_MIX * 3
+    patches = np.zeros((n_rows, seq_len, p), np.uint8)
+    seg = np.zeros((n_rows, seq_len), np.int32)
+    pos = np.zeros((n_rows, seq_len, 2), np.int32)
+    grid = np.zeros((n_rows, seq_len, 2), np.int32)
+    grids, n_img = [], 0
+    for r in range(n_rows):
+        cur, k = 0, 0
+        while True:
+            gh, gw = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+            full = gh * gw
+            keep = np.sort(rng.choice(full, size=max(1, int(full * rng.uniform(0.6, 1.0))), replace=False))
+            if not drop:
+                keep = np.arange(full)
+            if cur + len(keep) > seq_len:
+                break
+            k += 1
+            sl = slice(cur, cur + len(keep))
+            seg[r, sl] = k
+            pos[r, sl, 0], pos[r, sl, 1] = keep // gw, keep % gw
+            grid[r, sl] = (gh, gw)
+            patches[r, sl] = rng.integers(0, 256, (len(keep), p))
+            patches[r, sl, 0] = n_img
+            patches[r, sl, 1] = keep
+            grids.append((gh, gw))
+            n_img += 1
+            cur += len(keep)
+    labels = torch.as_tensor(rng.integers(0, 5, n_img))
+    labels[rng.random(n_img) < 0.15] = -1  # a few unlabelled images
+    batch = {
+        "patches": torch.as_tensor(patches),
+        "segment_ids": torch.as_tensor(seg),
+        "pos_hw": torch.as_tensor(pos),
+        "grid_hw": torch.as_tensor(grid),
+    }
+    return batch, labels, grids
+
+
+def _facing(i: int, j: int, r: int, c: int, grids) -> tuple[int, int] | None:
+    """Cell of image j facing cell (r, c) of image i when their grids are centred on each other."""
+    (hi, wi), (hj, wj) = grids[i], grids[j]
+    oh, ow = min(hi, hj), min(wi, wj)
+    rr, cc = r - (hi - oh) // 2, c - (wi - ow) // 2
+    if not (0 <= rr < oh and 0 <= cc < ow):
+        return None
+    return rr + (hj - oh) // 2, cc + (wj - ow) // 2
+
+
+def _tokens_by_image(batch):
+    """{image: {(r, c): token value vector}} from a packed batch (uses the provenance codes)."""
+    seg = batch["segment_ids"].numpy()
+    out: dict[int, dict[tuple[int, int], np.ndarray]] = {}
+    pat = batch["patches"].numpy()
+    pos = batch["pos_hw"].numpy()
+    for b, l in zip(*np.nonzero(seg > 0), strict=True):
+        out.setdefault(int(pat[b, l, 0]), {})[(int(pos[b, l, 0]), int(pos[b, l, 1]))] = pat[b, l]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mix_soft_labels_sum_to_one_and_match_token_provenance(mode):
+    import torch
+
+    from trainer.mixup import MixParams, mix_batch, mix_rng
+
+    params = MixParams(
+        mixup_alpha=1.0 if mode == "mixup" else 0.0, cutmix_alpha=1.0 if mode == "cutmix" else 0.0
+    )
+    seen_mixed = 0
+    for seed in range(6):
+        batch, labels, grids = _packed_batch(seed)
+        n = len(grids)
+        res = mix_batch(batch, labels, 5, params, mix_rng(0, seed, 0, 0))
+        assert res is not None and res.mode == mode
+        partner = res.partner.numpy()
+        lab = labels.numpy()
+        # Pairing: mutual, labelled with labelled, unlabelled images untouched.
+        assert np.array_equal(partner[partner], np.arange(n))
+        assert (partner[lab < 0] == np.flatnonzero(lab < 0)).all()
+        assert ((lab[partner] >= 0) | (partner == np.arange(n))).all()
+        # Soft targets: each labelled row sums to 1, weights λ_i on own label, 1-λ_i on the partner's.
+        t = res.targets.numpy().astype(np.float64)
+        assert np.allclose(t[lab >= 0].sum(1), 1.0, atol=1e-6) and not t[lab < 0].any()
+        lam_i = res.lam.numpy()
+        assert ((lam_i >= 0) & (lam_i <= 1)).all()
+        for i in np.flatnonzero(lab >= 0):
+            want = np.zeros(5)
+            want[lab[i]] += lam_i[i]
+            want[lab[partner[i]]] += 1 - lam_i[i]
+            assert np.allclose(t[i], want, atol=1e-6)
+        # Provenance: token by token, mixed only with the partner's kept token facing it.
+        before = _tokens_by_image(batch)
+        seg = batch["segment_ids"].numpy()
+        after_pat = res.patches.numpy().astype(np.float64)
+        pos = batch["pos_hw"].numpy()
+        changed = np.zeros(n)
+        for b, l in zip(*np.nonzero(seg > 0), strict=True):
+            i = int(batch["patches"][b, l, 0])
+            cell = (int(pos[b, l, 0]), int(pos[b, l, 1]))
+            own = before[i][cell].astype(np.float64)
+            got = after_pat[b, l]
+            if np.array_equal(got, own):
+                continue
+            j = int(partner[i])
+            face = _facing(i, j, *cell, grids)
+            assert j != i and face is not None and face in before[j], "mixed with a token not facing it"
+            src = before[j][face].astype(np.float64)
+            if mode == "cutmix":
+                assert np.array_equal(got, src)
+            else:
+                lam = 1 - (1 - lam_i[i]) * len(before[i]) / max(1, _count_facing(i, j, before, grids))
+                # Blend with one λ for the whole micro-batch: got = λ·own + (1-λ)·src.
+                k = np.argmax(np.abs(own - src))
+                lam_hat = (got[k] - src[k]) / (own[k] - src[k])
+                assert np.allclose(got, lam_hat * own + (1 - lam_hat) * src, atol=1e-3)
+                assert abs(lam_hat - lam) < 1e-3
+            changed[i] += 1
+        kept = np.array([len(before[i]) for i in range(n)])
+        if mode == "cutmix":
+            assert res.patches.dtype == torch.uint8
+            assert np.allclose(1 - lam_i, changed / kept, atol=1e-6)
+        else:
+            assert res.patches.dtype == torch.float32
+        seen_mixed += int(changed.sum())
+        # Padding stays padding.
+        assert not res.patches.numpy()[seg == 0].any()
+    assert seen_mixed > 20
+
+
+def _count_facing(i, j, before, grids) -> int:
+    """Tokens of image i whose facing cell in j was kept (all of them are blended by mixup)."""
+    return sum(1 for cell in before[i] if (f := _facing(i, j, *cell, grids)) is not None and f in before[j])
+
+
+def test_mix_draws_are_seeded_and_off_means_untouched():
+    import torch
+
+    from trainer.mixup import MixParams, mix_batch, mix_rng
+
+    batch, labels, _ = _packed_batch(3)
+    params = MixParams(mixup_alpha=0.8, cutmix_alpha=1.0)
+    a = mix_batch(batch, labels, 5, params, mix_rng(1, 7, 0, 0))
+    b = mix_batch(batch, labels, 5, params, mix_rng(1, 7, 0, 0))
+    assert torch.equal(a.patches, b.patches) and torch.equal(a.targets, b.targets)
+    modes = {mix_batch(batch, labels, 5, params, mix_rng(1, s, 0, 0)).mode for s in range(20)}
+    assert modes == {"mixup", "cutmix"}
+    assert mix_batch(batch, labels, 5, MixParams(), mix_rng(1, 7, 0, 0)) is None
+    assert mix_batch(batch, labels, 5, MixParams(mixup_alpha=1.0, prob=0.0), mix_rng(1, 7, 0, 0)) is None
+
+
+def test_soft_cross_entropy_with_one_hot_targets_is_the_hard_loss():
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.mixup import soft_cross_entropy_sum
+
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 3, -1, 2, 1, 1])
+    hard = soft_cross_entropy_sum(logits, labels, None, 0.1)
+    onehot = F.one_hot(labels.clamp(min=0), 4).float()
+    soft = soft_cross_entropy_sum(logits, labels, onehot, 0.1)
+    assert torch.allclose(hard, soft, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_training_mixes_and_resumes_exactly_and_eval_never_mixes(tmp_path, monkeypatch):
+    import torch
+    from train_fixtures import make_images, tiny_train_config, write_image_folder, write_pack
+
+    import trainer.loop as loop
+    import trainer.mixup as mixup
+    from trainer.data import open_source
+    from trainer.evaluate import evaluate_folder, evaluate_shards, load_model
+
+    torch.set_num_threads(1)
+    images, labels = make_images(48, seed=3)
+    pack = write_pack(tmp_path / "pack", images, labels, seq_len=64, shard_rows=6)
+    cfg = tiny_train_config(**{"schedule.steps": 6, "mix.mixup_alpha": 0.8, "mix.cutmix_alpha": 1.0})
+    calls = []
+    real = mixup.mix_batch
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(loop, "mix_batch", spy)
+    src = lambda info: open_source(str(pack), batch_size=4, seed=0)  # noqa: E731
+    full = loop.train(cfg, src, tmp_path / "a", verbose=False)
+    assert len(calls) == 6 and sum(calls) >= 5  # every step's micro-batch went through the mixer
+    part = loop.train(cfg, src, tmp_path / "b", stop_after=3, verbose=False)
+    rest = loop.train(cfg, src, tmp_path / "b", resume=True, verbose=False)
+    assert part.losses + rest.losses == full.losses  # mixing draws are seeded by step: exact resume
+
+    def never(*a, **k):
+        raise AssertionError("evaluation must not mix")
+
+    monkeypatch.setattr(loop, "mix_batch", never)
+    monkeypatch.setattr(mixup, "mix_batch", never)
+    net, _ = load_model(tmp_path / "a", torch.device("cpu"))
+    folder = write_image_folder(tmp_path / "val", images[:12], labels[:12])
+    r = evaluate_folder(net, folder, [None], patch=8, seq_len=64, device=torch.device("cpu"))
+    s = evaluate_shards(net, str(pack), device=torch.device("cpu"))
+    assert r[0].images == 12 and s[0].images == 48
+
+
+def test_runs_saved_before_the_mix_section_still_resume():
+    from trainer.config import TrainConfig, incompatible_fields
+
+    old = TrainConfig().model_dump(mode="json")
+    del old["mix"]  # a checkpoint written before mixup existed
+    assert incompatible_fields(old, TrainConfig().model_dump(mode="json")) == []
+    on = TrainConfig.model_validate({"mix": {"mixup_alpha": 0.2}}).model_dump(mode="json")
+    assert incompatible_fields(old, on) == ["mix.mixup_alpha"]

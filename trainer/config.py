@@ -64,6 +64,26 @@ class DataSection(_Section):
     verify: bool = Field(True, description="check every shard's sha256 before training")
 
 
+class MixSection(_Section):
+    """Train-time mixup / cutmix across the images of each micro-batch (off by default; trainer/mixup.py).
+
+    Token-level, for packed variable-size images: paired images of similar shape are mixed over their
+    central overlap and trained on soft labels weighted by how much of each image the model saw.
+    Evaluation never mixes."""
+
+    mixup_alpha: float = Field(0.0, ge=0, le=100, description="mixup λ ~ Beta(α, α); 0 = no mixup")
+    cutmix_alpha: float = Field(0.0, ge=0, le=100, description="cutmix λ ~ Beta(α, α); 0 = no cutmix")
+    prob: float = Field(1.0, ge=0, le=1, description="probability that a micro-batch is mixed")
+    switch_prob: float = Field(0.5, ge=0, le=1, description="with both alphas > 0: probability of cutmix")
+    pair_window: int = Field(
+        4, ge=1, le=1024, description="images sorted by aspect ratio are shuffled in windows of this size"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
 class CheckpointSection(_Section):
     every: int = Field(500, ge=0, description="save every N steps (0 = only at the end)")
     keep: int = Field(3, ge=1, description="keep the last K checkpoints")
@@ -78,6 +98,7 @@ class TrainConfig(_Section):
     optim: OptimSection = OptimSection()
     schedule: ScheduleSection = ScheduleSection()
     data: DataSection = DataSection()
+    mix: MixSection = MixSection()
     checkpoint: CheckpointSection = CheckpointSection()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     compile: bool = Field(False, description="torch.compile the model")
@@ -121,8 +142,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def incompatible_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted names of fields that differ between two dumped configs and matter for a resume."""
-    a, b = _flatten(old), _flatten(new)
+    """Dotted names of fields that differ between two dumped configs and matter for a resume.
+
+    A field missing from one side (a run saved before the field existed) counts as its default."""
+    defaults = _flatten(TrainConfig().model_dump(mode="json"))
+    a, b = {**defaults, **_flatten(old)}, {**defaults, **_flatten(new)}
     return sorted(k for k in set(a) | set(b) if k not in RESUME_MUTABLE and a.get(k) != b.get(k))
 
 

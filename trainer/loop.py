@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from packer.errors import ConfigError, NavitError
 from trainer import checkpoint as ckpt
@@ -28,6 +27,7 @@ from trainer.config import TrainConfig, incompatible_fields
 from trainer.data import BatchSource, DataPosition, HostBatch
 from trainer.distributed import all_gather_json, all_reduce_sum, barrier, init_distributed
 from trainer.metrics import MetricsLogger
+from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
 
 
 @dataclass
@@ -185,9 +185,15 @@ def train(
         ids = [info.local_rank] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
-    log = MetricsLogger(run, cfg.schedule.steps, cfg.log_every, enabled=info.is_main and verbose)
+    # On resume, records of steps after the checkpoint (logged before an interruption) are dropped.
+    rewind = step if state is not None else None
+    log = MetricsLogger(
+        run, cfg.schedule.steps, cfg.log_every, enabled=info.is_main and verbose, resume_step=rewind
+    )
     if not verbose and info.is_main:
-        log = MetricsLogger(run, cfg.schedule.steps, cfg.log_every, enabled=True, stream=_NullStream())
+        log = MetricsLogger(
+            run, cfg.schedule.steps, cfg.log_every, enabled=True, stream=_NullStream(), resume_step=rewind
+        )
     n_params = sum(p.numel() for p in model.parameters())
     log.message(
         f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params, {num_classes} classes) on "
@@ -231,6 +237,7 @@ def train(
     last_ckpt: Path | None = existing[-1] if existing else None
     end = cfg.schedule.steps if stop_after is None else min(stop_after, cfg.schedule.steps)
     loss_val, acc_val = math.nan, math.nan
+    mix = MixParams(**cfg.mix.model_dump())
     net.train()
     try:
         while step < end:
@@ -246,6 +253,11 @@ def train(
             correct = torch.zeros((), dtype=torch.int64, device=device)
             for i, batch in enumerate(on_dev):
                 labels = batch.pop("labels")  # (N,) one per image in output order
+                targets = None  # soft (N, C) targets when this micro-batch is mixed (trainer/mixup.py)
+                if mix.enabled:
+                    mixed = mix_batch(batch, labels, num_classes, mix, mix_rng(cfg.seed, step, i, info.rank))
+                    if mixed is not None:
+                        batch["patches"], targets = mixed.patches, mixed.targets
                 sync = contextlib.nullcontext()
                 if info.enabled and i < accum - 1:
                     sync = net.no_sync()  # all-reduce gradients once, on the last micro-batch
@@ -253,13 +265,7 @@ def train(
                     with autocast:
                         logits = net(batch).logits  # (N, C)
                     logits = logits.float()
-                    ce = F.cross_entropy(
-                        logits,
-                        labels,
-                        ignore_index=-1,
-                        label_smoothing=cfg.optim.label_smoothing,
-                        reduction="sum",
-                    )
+                    ce = soft_cross_entropy_sum(logits, labels, targets, cfg.optim.label_smoothing)
                     (ce * scale).backward()
                 loss_sum += ce.detach().double()
                 correct += ((logits.argmax(-1) == labels) & (labels >= 0)).sum()
