@@ -84,3 +84,57 @@ def test_two_thread_training_is_reproducible_and_resumes_exactly(two_threads, tm
     assert rest.start_step == 3 and rest.losses == a.losses[3:]
     wa, wc = ck.load_checkpoint(tmp_path / "a").weights, ck.load_checkpoint(tmp_path / "c").weights
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+# ---- 10. one metrics record per step after kill + --resume -----------------------------------------
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAfter:
+    """A BatchSource that dies (as if the process were killed) when asked for batch ``n``."""
+
+    def __init__(self, source, n: int) -> None:
+        self.source, self.n = source, n
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def batches(self, start):
+        for i, batch in enumerate(self.source.batches(start)):
+            if i == self.n:
+                raise _Killed
+            yield batch
+
+
+@pytest.fixture(scope="module")
+def small_pack(tmp_path_factory):
+    images, labels = make_images(48, seed=5)
+    return write_pack(tmp_path_factory.mktemp("sp") / "pack", images, labels, seq_len=64, shard_rows=6)
+
+
+def test_resume_leaves_one_metrics_record_per_step(one_thread, tmp_path, small_pack):
+    cfg = tiny_train_config(**{"schedule.steps": 8, "checkpoint.every": 3, "log_every": 1})
+    run = tmp_path / "run"
+    # Killed while fetching step 6's batch: steps 1-5 are logged, the newest checkpoint is step 3.
+    with pytest.raises(_Killed):
+        train(
+            cfg,
+            lambda info: _DiesAfter(open_source(str(small_pack), batch_size=4, seed=0), 5),
+            run,
+            verbose=False,
+        )
+    assert [r["step"] for r in _step_records(run)] == [1, 2, 3, 4, 5]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')  # a line cut short by the kill
+    rest = train(
+        cfg, lambda info: open_source(str(small_pack), batch_size=4, seed=0), run, resume=True, verbose=False
+    )
+    assert rest.start_step == 3
+    assert [r["step"] for r in _step_records(run)] == list(range(1, 9))
+    # The records of steps 4-5 are the resumed run's (the run is exact, so equal losses either way).
+    assert [r["loss"] for r in _step_records(run)][3:] == rest.losses
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "checkpoint"] == [3, 6, 8]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,10 @@ class MetricsLogger:
         log_every: int = 10,
         enabled: bool = True,
         stream: TextIO | None = None,
+        resume_step: int | None = None,
     ) -> None:
+        """``resume_step``: the run resumes from its checkpoint at this step; records of later steps
+        (written before an interruption, and about to be written again) are dropped first."""
         self.total, self.log_every, self.enabled = total_steps, log_every, enabled
         self.stream = stream or sys.stderr
         self.tty = self.enabled and self.stream.isatty()
@@ -53,11 +57,15 @@ class MetricsLogger:
         if enabled and run_dir is not None:
             run = Path(run_dir)
             run.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                rewind_metrics(run, resume_step)
             self.jsonl = open(run / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run / "tb"))
+                # purge_step hides the events of steps after the checkpoint, as rewind_metrics does.
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(run / "tb"), purge_step=purge)
             except ImportError:  # tensorboard is optional
                 self.tb = None
 
@@ -148,3 +156,35 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def rewind_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop from ``RUN/metrics.jsonl`` every record of a step after ``step`` and any line that is not
+    JSON (a line cut short when the process was killed); returns how many lines were dropped.
+
+    A resumed run restarts at its checkpoint's step and logs the steps after it again, so without
+    this a kill between two checkpoints leaves those steps twice. The file is rewritten atomically
+    (temp file + rename): a second kill leaves either the old or the new file, never a mix."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        at = rec.get("step") if isinstance(rec, dict) else None
+        if isinstance(at, int) and at > step:
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
