@@ -421,7 +421,10 @@ def pack(
 
     check_source(normalize_source(source))  # before OUT is touched
     fs, base = schema.resolve_fs(normalize_source(out))
-    existed = fs.get_file_info(base).type != pafs.FileType.NotFound
+    try:
+        existed = fs.get_file_info(base).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise out_error(out, e) from None
     try:
         return _pack(
             source,
@@ -436,6 +439,15 @@ def pack(
     except BaseException:
         _release_if_unused(fs, base, remove_dir=not existed)
         raise
+
+
+def out_error(out: str, e: OSError) -> NavitError:
+    """The one-line error for an --out that cannot be written (the OS's reason, without pyarrow's
+    'Detail:' text)."""
+    import os
+
+    why = os.strerror(e.errno) if e.errno else (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return NavitError(f"--out {out}: cannot write the pack there ({why})")
 
 
 def _holds_no_shard(fs: pafs.FileSystem, base: str) -> bool:
@@ -478,7 +490,10 @@ def _pack(
     progress = progress or Progress()
     # Absolute paths: Ray workers (possibly on other nodes) must not depend on the driver's cwd.
     source, out = normalize_source(source), normalize_source(out)
-    fs, base = prepare_out_dir(out, cfg, source, resume)
+    try:
+        fs, base = prepare_out_dir(out, cfg, source, resume)
+    except OSError as e:  # under a regular file, read-only, no permission, ...
+        raise out_error(out, e) from None
     shard_rows = resolved_shard_rows(cfg)
     from packer.ray_runtime import ensure_ray
 

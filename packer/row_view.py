@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from packer import schema
 from packer.errors import DataError
@@ -135,8 +136,9 @@ def read_row(data_dir: str, row: int, shard: int | None = None) -> RowView:
     entry = index["shards"][k]
     try:
         table = next(schema.iter_row_groups(data_dir, entry["file"], start_row=r)).slice(0, 1)
-    except (FileNotFoundError, OSError, StopIteration) as e:
-        raise DataError(f"{data_dir}/{entry['file']}: cannot read row {r} ({e})") from None
+    except (OSError, pa.ArrowException, StopIteration) as e:  # missing, truncated, damaged page
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{data_dir}/{entry['file']}: cannot read row {r} ({why})") from None
     schema.check_schema(table.schema, index)
     a = schema.table_to_arrays(table)
     p = int(index["patch_size"])

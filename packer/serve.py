@@ -75,6 +75,11 @@ def _ranges(values: list[int]) -> str:
     return "epochs " + ",".join(map(str, values))
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
 def _as_batches(table: pa.Table, sch: pa.Schema) -> Iterator[pa.RecordBatch]:
     """A (possibly chunked) table → record batches carrying exactly ``sch`` (with its metadata)."""
     for batch in table.to_batches():
@@ -123,7 +128,11 @@ class ShardSetSource:
                 raise DataError(f"{data_dir}/{entry['file']}: {got} rows, index.json says {want}")
             spans.append(_ShardSpan(entry["file"], first, int(entry["rows"])))
             # Classes for trainers that size their head from the server (labels is a small column).
-            labels = pf.read(columns=["labels"]).column("labels").combine_chunks().flatten()
+            try:
+                labels = pf.read(columns=["labels"]).column("labels").combine_chunks().flatten()
+            except (OSError, pa.ArrowException) as e:
+                why = _first_line(e)
+                raise DataError(f"{data_dir}/{entry['file']}: cannot read labels ({why})") from None
             if len(labels):
                 self.num_classes = max(self.num_classes, int(pa.compute.max(labels).as_py()) + 1)
 
@@ -132,8 +141,8 @@ class ShardSetSource:
             # Buffered reads, not mmap: a stream's resident memory is then its row groups in flight,
             # not the pages of the whole shard it has touched (page cache serves repeats either way).
             return schema.open_shard(self.data_dir, file, memory_map=False)
-        except (FileNotFoundError, OSError) as e:
-            raise DataError(f"{self.data_dir}/{file}: cannot open shard ({str(e).splitlines()[0]})") from None
+        except (OSError, pa.ArrowException) as e:  # missing, truncated (no footer), not Parquet
+            raise DataError(f"{self.data_dir}/{file}: cannot open shard ({_first_line(e)})") from None
 
     def epochs(self) -> list[int]:
         return sorted(self._spans)
@@ -160,7 +169,13 @@ class ShardSetSource:
             n = pf.metadata.row_group(g).num_rows
             a, b = max(lo, first), min(hi, first + n)
             if a < b:
-                table = pf.read_row_group(g)
+                try:
+                    table = pf.read_row_group(g)
+                except (OSError, pa.ArrowException) as e:  # a damaged page (footer intact)
+                    raise DataError(
+                        f"{self.data_dir}/{file}: cannot read row group {g} ({_first_line(e)}); "
+                        "check the pack with --verify"
+                    ) from None
                 yield from _as_batches(table.slice(a - first, b - a), self.schema)
             first += n
             if first >= hi:

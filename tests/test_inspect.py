@@ -103,3 +103,30 @@ def test_row_out_of_range_is_one_line_error(pack):
     assert isinstance(res.exception, DataError) and "out of range" in str(res.exception)
     with pytest.raises(DataError, match="shard 0 has 1 rows"):
         read_row(str(pack), 1, shard=0)
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt page"])
+def test_damaged_shard_is_one_line_error(pack, tmp_path, how):
+    """Issue 12 item 5: a truncated shard (no footer) or a damaged page → DataError, exit code 2."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from packer import schema
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pack, bad)
+    f = bad / schema.shard_file_name(2)  # holds global row 2
+    data = bytearray(f.read_bytes())
+    if how == "truncated":
+        del data[len(data) // 2 :]
+    else:
+        names = [c.path for c in pq.ParquetFile(f).metadata.schema]
+        col = pq.ParquetFile(f).metadata.row_group(0).column(names.index("segment_ids.list.element"))
+        data[col.data_page_offset : col.data_page_offset + 8] = b"\xff" * 8
+    f.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard-000002.parquet: cannot read row 0") as e:
+        read_row(str(bad), 2)
+    assert "\n" not in str(e.value)
+    res = CliRunner().invoke(app, ["inspect", str(bad), "--row", "2"])
+    assert isinstance(res.exception, DataError)

@@ -14,6 +14,8 @@ import errno
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -350,3 +352,38 @@ def test_failed_planning_removes_the_state_it_wrote(tmp_path: Path, ray_session)
             pack(str(tmp_path / "src"), str(out), _cfg(), planner=planner)
     assert not (tmp_path / "new").exists()  # created by the failed run: removed again
     assert list((tmp_path / "kept").iterdir()) == []  # the user's folder: left as it was
+
+
+# ----------------------------------------------------------------------------------------------------
+# Item 5 (pack side): an --out that cannot be written is one line, exit code 2
+# ----------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _navit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if not x.startswith("[pack]")]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+
+
+def test_out_under_a_regular_file_is_a_one_line_error(tmp_path: Path) -> None:
+    _write(tmp_path / "src", "a/1.jpg", _jpeg(0))
+    (tmp_path / "afile").write_text("not a folder")
+    proc = _navit("pack", str(tmp_path / "src"), "--out", str(tmp_path / "afile" / "sub"))
+    _assert_one_line_error(proc, "--out", "afile/sub", "cannot write the pack there", "Not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_unwritable_out_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    _write(tmp_path / "src", "a/1.jpg", _jpeg(0))
+    (tmp_path / "ro").mkdir(mode=0o555)
+    proc = _navit("pack", str(tmp_path / "src"), "--out", str(tmp_path / "ro"))
+    _assert_one_line_error(proc, "--out", "cannot write the pack there", "Permission denied")

@@ -475,3 +475,50 @@ def test_trainer_flight_source_batches_and_resumes_exactly(pack, server):
 
 def torch_equal(a, b) -> bool:
     return a.shape == b.shape and bool((a == b).all())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Damaged shards without --verify (issue 12 item 5): one line, never a traceback
+# ----------------------------------------------------------------------------------------------------
+
+
+def damaged_copy(pack: Path, dst: Path, how: str) -> Path:
+    """A copy of ``pack`` whose shard 1 is cut in half ('truncated') or has the page header of its
+    second row group's segment_ids overwritten ('corrupt page'; the footer stays intact)."""
+    shutil.copytree(pack, dst)
+    f = dst / schema.shard_file_name(1)
+    data = bytearray(f.read_bytes())
+    if how == "truncated":
+        del data[len(data) // 2 :]
+    else:
+        names = [c.path for c in pq.ParquetFile(f).metadata.schema]
+        col = pq.ParquetFile(f).metadata.row_group(1).column(names.index("segment_ids.list.element"))
+        data[col.data_page_offset : col.data_page_offset + 8] = b"\xff" * 8
+    f.write_bytes(bytes(data))
+    return dst
+
+
+def test_truncated_shard_without_verify_is_a_one_line_error(pack, tmp_path):
+    bad = damaged_copy(pack, tmp_path / "bad", "truncated")
+    with pytest.raises(DataError, match=r"shard-000001.parquet: cannot open shard") as e:
+        ShardSetSource(str(bad))
+    assert "\n" not in str(e.value)
+    proc = subprocess.run(
+        [*NAVIT, "serve", str(bad), "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "shard-000001.parquet: cannot open shard" in proc.stderr
+
+
+def test_corrupt_page_reaches_the_client_as_one_line(pack, tmp_path):
+    bad = damaged_copy(pack, tmp_path / "bad", "corrupt page")
+    srv = make_server(ShardSetSource(str(bad)), host="127.0.0.1", port=0)
+    try:
+        with pytest.raises(DataError, match=r"shard-000001.parquet: cannot read row group 1") as e:
+            list(flight_batches(uri(srv), epoch=0))
+        assert "\n" not in str(e.value) and "Traceback" not in str(e.value) and ".py" not in str(e.value)
+        # Rank 0 of 2 reads rows 0..10 (shard 0 only): still served.
+        assert sum(b.num_rows for b in flight_batches(uri(srv), epoch=0, rank=0, world_size=2)) == 11
+    finally:
+        srv.shutdown()
