@@ -23,14 +23,73 @@ from cli.common import (
 )
 
 
-def train_config_from_flags(config: Path | None, sets: list[str] | None, named: dict[str, Any]) -> Any:
-    """Config file, then --set, then the named flags (None = not given): the named flags win."""
+def train_config_from_flags(
+    config: Path | None,
+    sets: list[str] | None,
+    named: dict[str, Any],
+    resume_from: Path | None = None,
+) -> Any:
+    """Config file, then --set, then the named flags (None = not given): the named flags win.
+
+    Warmup nobody set (not --warmup, --set or the file) defaults to 100 steps; for a shorter run it
+    becomes 10% of the steps, with a one-line note; on ``--resume`` (``resume_from`` = the run) it is
+    the run's own warmup, so a resumed short run keeps the schedule it started with. A ``--warmup``
+    longer than the run is refused naming the flag."""
     from cli.common import _parse_set
-    from trainer.config import load_train_config
+    from packer.errors import ConfigError
+    from trainer.config import ScheduleSection, load_train_config
 
     overrides = dict(_parse_set(sets))
     overrides.update({k: v for k, v in named.items() if v is not None})
+    key = "schedule.warmup_steps"
+    flag = named.get(key)
+    if flag is None and (key in overrides or _file_sets_warmup(config)):
+        return load_train_config(config, overrides)  # set by --set or the file: its error names it
+    # The run length, validated with a warmup that always fits.
+    steps = load_train_config(config, {**overrides, key: 0}).schedule.steps
+    if flag is not None:
+        if flag > steps:
+            raise ConfigError(f"--warmup {flag} is longer than the run (--steps {steps})")
+        return load_train_config(config, overrides)
+    saved = _run_warmup(resume_from) if resume_from is not None else None
+    default = ScheduleSection.model_fields["warmup_steps"].default
+    if saved is not None:
+        overrides[key] = saved
+    elif default > steps:
+        overrides[key] = steps // 10
+        typer.echo(
+            f"note: the run has {steps} steps, fewer than the default warmup ({default}): warmup is "
+            f"{steps // 10} steps (10%); set --warmup to choose",
+            err=True,
+        )
     return load_train_config(config, overrides)
+
+
+def _file_sets_warmup(config: Path | None) -> bool:
+    """Whether the config file (its top level, or its ``train`` section) sets the warmup."""
+    if config is None:
+        return False
+    from packer.config import read_yaml
+
+    data = read_yaml(config)
+    data = data.get("train") or {} if "train" in data else data
+    schedule = data.get("schedule") if isinstance(data, dict) else None
+    return isinstance(schedule, dict) and "warmup_steps" in schedule
+
+
+def _run_warmup(run: Path) -> int | None:
+    """The warmup recorded in a run's newest checkpoint, or None (no readable checkpoint: the
+    trainer reports that itself)."""
+    import json
+
+    from trainer.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run)
+    try:
+        meta = json.loads((found[-1] / "meta.json").read_text()) if found else None
+        return int(meta["config"]["schedule"]["warmup_steps"]) if meta else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def register(app: typer.Typer) -> None:
@@ -123,9 +182,8 @@ def register(app: typer.Typer) -> None:
                 "checkpoint.every": checkpoint_every,
                 "compile": compile_,
             },
+            resume_from=out if resume else None,
         )
-        if cfg.schedule.warmup_steps > cfg.schedule.steps:
-            cfg = cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"warmup_steps": 0})})
         token = None
         if token_file is not None:
             from trainer.flight_client import read_token_file

@@ -138,3 +138,78 @@ def test_resume_leaves_one_metrics_record_per_step(one_thread, tmp_path, small_p
     assert [r["loss"] for r in _step_records(run)][3:] == rest.losses
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "checkpoint"] == [3, 6, 8]
+
+
+# ---- CLI helpers -----------------------------------------------------------------------------------
+
+
+def _cli(argv, capsys):
+    import sys
+
+    from cli.main import main
+
+    old = sys.argv
+    sys.argv = ["navit", *argv]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr()
+
+
+TINY = ["--set", "model.overrides={depth: 1, dim: 32, heads: 2}", "--device", "cpu", "--batch-size", "2"]
+
+
+# ---- warmup: clamped when not set, named by its flag when set ---------------------------------------
+
+
+def test_short_run_clamps_the_default_warmup_and_says_so(one_thread, tmp_path, small_pack, capsys):
+    code, cap = _cli(
+        ["train", "--data", str(small_pack), "--out", str(tmp_path / "r"), "--steps", "10", *TINY], capsys
+    )
+    assert code == 0, cap.err
+    notes = [line for line in cap.err.splitlines() if "warmup" in line]
+    assert len(notes) == 1 and "10 steps" in notes[0] and "--warmup" in notes[0], cap.err
+    meta = ck.load_checkpoint(tmp_path / "r").meta
+    assert meta["config"]["schedule"] == {**meta["config"]["schedule"], "steps": 10, "warmup_steps": 1}
+    # Resuming (here: extending the run) keeps the run's warmup rather than clamping anew.
+    code, cap = _cli(
+        [
+            "train",
+            "--data",
+            str(small_pack),
+            "--out",
+            str(tmp_path / "r"),
+            "--steps",
+            "12",
+            "--resume",
+            *TINY,
+        ],
+        capsys,
+    )
+    assert code == 0, cap.err
+    assert ck.load_checkpoint(tmp_path / "r").meta["config"]["schedule"]["warmup_steps"] == 1
+
+
+def test_warmup_flag_longer_than_the_run_is_named(tmp_path, small_pack, capsys):
+    code, cap = _cli(
+        [
+            "train",
+            "--data",
+            str(small_pack),
+            "--out",
+            str(tmp_path / "r"),
+            "--steps",
+            "20",
+            "--warmup",
+            "50",
+            *TINY,
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert cap.err.strip().count("\n") == 0 and "--warmup 50" in cap.err and "--steps" in cap.err, cap.err
+    assert not (tmp_path / "r").exists()
