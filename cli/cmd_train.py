@@ -184,6 +184,9 @@ def register(app: typer.Typer) -> None:
             },
             resume_from=out if resume else None,
         )
+        from trainer.loop import check_run_dir
+
+        check_run_dir(out, resume)  # before the data is verified (which may take long)
         token = None
         if token_file is not None:
             from trainer.flight_client import read_token_file

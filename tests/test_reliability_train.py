@@ -213,3 +213,35 @@ def test_warmup_flag_longer_than_the_run_is_named(tmp_path, small_pack, capsys):
     assert code == 2
     assert cap.err.strip().count("\n") == 0 and "--warmup 50" in cap.err and "--steps" in cap.err, cap.err
     assert not (tmp_path / "r").exists()
+
+
+# ---- --out: a file, under a file, a non-empty folder that is not a run -----------------------------
+
+
+@pytest.mark.parametrize("case", ["file", "under_file", "foreign_dir"])
+def test_bad_out_is_refused_in_one_line(tmp_path, small_pack, capsys, case):
+    (tmp_path / "f").write_text("not a folder\n")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8 precious")
+    out = {"file": tmp_path / "f", "under_file": tmp_path / "f" / "run", "foreign_dir": tmp_path / "photos"}[
+        case
+    ]
+    code, cap = _cli(
+        ["train", "--data", str(small_pack), "--out", str(out), "--steps", "2", "--warmup", "1", *TINY],
+        capsys,
+    )
+    assert code == 2, cap.err
+    assert cap.err.strip().count("\n") == 0 and str(out) in cap.err, cap.err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["f", "holiday.jpg", "photos"]
+
+
+def test_out_of_an_unfinished_run_starts_afresh(one_thread, tmp_path, small_pack, capsys):
+    # Killed before its first checkpoint: metrics but no checkpoint. A new run may use the folder,
+    # and only its own step records remain.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n{"step": 1, "loss": 9.0}\n')
+    code, cap = _cli(["train", "--data", str(small_pack), "--out", str(run), "--steps", "2", *TINY], capsys)
+    assert code == 0, cap.err
+    assert [r["step"] for r in _step_records(run)] == [2]
+    assert all(r["loss"] != 9.0 for r in _step_records(run))

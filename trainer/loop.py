@@ -67,6 +67,25 @@ def lr_lambda(cfg: TrainConfig) -> Any:
     return f
 
 
+RUN_MARKERS = (ckpt.CKPT_DIR, "metrics.jsonl")  # what makes a folder a navit run (train writes both)
+
+
+def check_run_dir(run: Path, resume: bool) -> None:
+    """Refuse, in one line, an ``--out`` that cannot be a run directory: a file, a path under a file,
+    or a non-empty folder that is not a navit run (its files are not ours to mix a run into)."""
+    if run.exists() and not run.is_dir():
+        raise NavitError(f"--out {run}: is a file, not a directory")
+    parent = next((p for p in run.parents if p.exists()), None)
+    if not run.exists() and parent is not None and not parent.is_dir():
+        raise NavitError(f"--out {run}: {parent} is a file, not a directory")
+    ours = run.is_dir() and any((run / m).exists() for m in RUN_MARKERS)
+    if run.is_dir() and not resume and not ours and any(run.iterdir()):
+        raise NavitError(
+            f"--out {run}: a non-empty folder that is not a navit run (no {ckpt.CKPT_DIR}/ or "
+            "metrics.jsonl); choose a new or empty folder"
+        )
+
+
 def build_model(cfg: TrainConfig, num_classes: int, patch_size: int) -> tuple[torch.nn.Module, Any]:
     """NaViT from the preset + overrides; the patch size comes from the data."""
     from model import NaViT, NaViTConfig
@@ -115,13 +134,14 @@ def train(
 
     ``stop_after``: stop after this global step as if interrupted (for tests and time-boxed jobs);
     the schedule still targets ``cfg.schedule.steps``."""
+    run = Path(out)
+    check_run_dir(run, resume)
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     if callable(source) and not hasattr(source, "batches"):
         source = source(info)
-    run = Path(out)
     existing = ckpt.list_checkpoints(run)
     if existing and not resume:
         raise NavitError(f"{run} already holds checkpoints: pass --resume to continue, or another --out")
@@ -185,8 +205,9 @@ def train(
         ids = [info.local_rank] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
-    # On resume, records of steps after the checkpoint (logged before an interruption) are dropped.
-    rewind = step if state is not None else None
+    # Records of steps after the checkpoint we start from (logged before an interruption; a fresh
+    # start in the folder of a run killed before its first checkpoint: all of them) are dropped.
+    rewind = step
     log = MetricsLogger(
         run, cfg.schedule.steps, cfg.log_every, enabled=info.is_main and verbose, resume_step=rewind
     )

@@ -45,8 +45,9 @@ class MetricsLogger:
         stream: TextIO | None = None,
         resume_step: int | None = None,
     ) -> None:
-        """``resume_step``: the run resumes from its checkpoint at this step; records of later steps
-        (written before an interruption, and about to be written again) are dropped first."""
+        """``resume_step``: the step the run starts from (its checkpoint's, or 0 for a fresh start in
+        an existing run folder); records of later steps (written before an interruption, and about
+        to be written again) are dropped first."""
         self.total, self.log_every, self.enabled = total_steps, log_every, enabled
         self.stream = stream or sys.stderr
         self.tty = self.enabled and self.stream.isatty()
