@@ -14,7 +14,11 @@
   geometry), ``epoch`` (rows of an epoch and per rank, body ``{"epoch", "world_size"}``).
 
 Errors reach the client as ``FlightServerError`` whose ``extra_info`` names the kind (``bad_ticket``,
-``data``); :mod:`trainer.flight_client` turns them into one-line messages.
+``data``, ``internal``); :mod:`trainer.flight_client` turns them into one-line messages. Tickets and
+action bodies are at most MAX_REQUEST_BYTES of JSON with integer fields only (no bools, floats or
+strings; 64-bit range), ``world_size`` at most MAX_WORLD_SIZE. An unexpected exception is logged
+with its traceback on the server (logger ``navit.serve``) and reaches the client as one line,
+``navit serve: internal error in … (details in the server log)``, never as a Python traceback.
 """
 
 from __future__ import annotations
@@ -40,7 +44,15 @@ from packer.serve import EpochSource, rank_range
 log = logging.getLogger("navit.serve")
 
 TICKET_KEYS = ("epoch", "rank", "world_size", "start_row")
+EPOCH_ACTION_KEYS = ("epoch", "world_size")
 DEFAULT_PORT = 8815
+# The most ranks one epoch may be split into. The epoch action's answer has one entry per rank, so
+# its cost grows with world_size: at 65536 one call took 83-168 ms and answered 197 KB of JSON
+# (22-row epoch, loopback, busy 2-core dev VM); before the cap 10,000,000 took 14.6 s, +767 MB peak
+# RSS and a 30 MB answer.
+MAX_WORLD_SIZE = 65536
+MAX_REQUEST_BYTES = 4096  # a ticket or action body is ~60 bytes of JSON
+_INT_LIMIT = 2**63  # epochs and rows are int64 everywhere downstream
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,30 +72,51 @@ class Ticket:
     start_row: int = 0
 
 
-def parse_ticket(raw: bytes) -> Ticket:
-    """Ticket bytes → :class:`Ticket`; BadTicket with a one-line reason otherwise."""
+def _json_object(raw: bytes, what: str, example: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """A small JSON object from a client, or BadTicket with a one-line reason. Whatever the bytes —
+    deep nesting (RecursionError), integers of thousands of digits (ValueError), megabytes — the
+    answer is one line: nothing of the server's internals reaches the client."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise BadTicket(
+            f"bad {what}: {len(raw)} bytes, at most {MAX_REQUEST_BYTES} (expected JSON like {example})"
+        )
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadTicket(
-            'bad ticket: expected JSON like {"epoch": 0, "rank": 0, "world_size": 1, "start_row": 0}'
-        ) from None
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        raise BadTicket(f"bad {what}: expected JSON like {example}") from None
     if not isinstance(obj, dict):
-        raise BadTicket("bad ticket: expected a JSON object")
-    unknown = sorted(set(obj) - set(TICKET_KEYS))
+        raise BadTicket(f"bad {what}: expected a JSON object like {example}")
+    unknown = sorted(set(obj) - set(allowed))
     if unknown:
-        raise BadTicket(f"bad ticket: unknown keys {unknown} (allowed: {list(TICKET_KEYS)})")
-    for key in TICKET_KEYS:
-        if key not in obj:
-            if key == "start_row":
-                continue
-            raise BadTicket(f"bad ticket: missing '{key}'")
-        value = obj[key]
+        raise BadTicket(f"bad {what}: unknown keys {unknown} (allowed: {list(allowed)})")
+    for key, value in obj.items():
+        # bool is an int in Python, and 2.7 / "3" are not integers: all refused, as in tickets.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise BadTicket(f"bad ticket: '{key}' must be an integer, got {value!r}")
+            raise BadTicket(f"bad {what}: '{key}' must be an integer, got {_short(value)}")
+        if not -_INT_LIMIT < value < _INT_LIMIT:
+            raise BadTicket(f"bad {what}: '{key}' is out of range (more than 64 bits)")
+    return obj
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_world_size(world_size: int, what: str) -> None:
+    if not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise BadTicket(f"bad {what}: world_size must be in [1, {MAX_WORLD_SIZE}], got {world_size}")
+
+
+def parse_ticket(raw: bytes) -> Ticket:
+    """Ticket bytes → :class:`Ticket`; BadTicket with a one-line reason otherwise."""
+    example = '{"epoch": 0, "rank": 0, "world_size": 1, "start_row": 0}'
+    obj = _json_object(raw, "ticket", example, TICKET_KEYS)
+    for key in ("epoch", "rank", "world_size"):
+        if key not in obj:
+            raise BadTicket(f"bad ticket: missing '{key}'")
     t = Ticket(obj["epoch"], obj["rank"], obj["world_size"], obj.get("start_row", 0))
-    if t.world_size < 1:
-        raise BadTicket(f"bad ticket: world_size must be >= 1, got {t.world_size}")
+    _check_world_size(t.world_size, "ticket")
     if not 0 <= t.rank < t.world_size:
         raise BadTicket(f"bad ticket: rank must be in [0, {t.world_size}), got {t.rank}")
     if t.start_row < 0:
@@ -236,6 +269,8 @@ class NavitFlightServer(fl.FlightServerBase):
                 )
         except NavitError as e:
             raise _flight_error(e) from None
+        except Exception as e:
+            raise _internal_error("do_get", e) from None
         peer = context.peer()
         sid = self.state.open(peer, t, hi - lo - t.start_row)
         log.info(
@@ -253,6 +288,8 @@ class NavitFlightServer(fl.FlightServerBase):
                 self.state.sent(sid, batch.num_rows, batch.nbytes)
         except NavitError as e:
             raise _flight_error(e) from None
+        except Exception as e:
+            raise _internal_error(f"stream {sid}", e) from None
         finally:
             s = self.state.close(sid)
             log.info(
@@ -283,19 +320,17 @@ class NavitFlightServer(fl.FlightServerBase):
             elif action.type == "epoch":
                 out = self._epoch_action(action.body.to_pybytes() if action.body else b"")
             else:
-                raise BadTicket(f"unknown action {action.type!r} (status, info, epoch)")
+                raise BadTicket(f"unknown action {_short(action.type)} (status, info, epoch)")
         except NavitError as e:
             raise _flight_error(e) from None
+        except Exception as e:
+            raise _internal_error(f"action {_short(action.type)}", e) from None
         return iter([json.dumps(out, sort_keys=True).encode()])
 
     def _epoch_action(self, body: bytes) -> dict[str, Any]:
-        try:
-            req = json.loads(body or b"{}")
-            epoch, world = int(req.get("epoch", 0)), int(req.get("world_size", 1))
-        except (ValueError, TypeError, AttributeError):
-            raise BadTicket('bad request: expected JSON {"epoch": E, "world_size": W}') from None
-        if world < 1:
-            raise BadTicket(f"bad request: world_size must be >= 1, got {world}")
+        req = _json_object(body or b"{}", "request", '{"epoch": E, "world_size": W}', EPOCH_ACTION_KEYS)
+        epoch, world = req.get("epoch", 0), req.get("world_size", 1)
+        _check_world_size(world, "request")  # the answer holds one entry per rank: capped
         n = self.source.epoch_rows(epoch)
         ranks = [rank_range(n, r, world) for r in range(world)]
         return {"epoch": epoch, "rows": n, "world_size": world, "rank_rows": [b - a for a, b in ranks]}
@@ -304,6 +339,16 @@ class NavitFlightServer(fl.FlightServerBase):
 def _flight_error(e: NavitError) -> fl.FlightServerError:
     kind = b"bad_ticket" if isinstance(e, BadTicket) else b"data"
     return fl.FlightServerError(str(e), extra_info=kind)
+
+
+def _internal_error(where: str, e: Exception) -> fl.FlightServerError:
+    """An unexpected error: the traceback goes to the server log, the client gets one line without
+    paths or code (pyarrow would otherwise send it the whole Python traceback)."""
+    log.error("%s failed: %s: %s", where, type(e).__name__, e, exc_info=e)
+    return fl.FlightServerError(
+        f"navit serve: internal error in {where} ({type(e).__name__}; details in the server log)",
+        extra_info=b"internal",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -522,3 +522,126 @@ def test_corrupt_page_reaches_the_client_as_one_line(pack, tmp_path):
         assert sum(b.num_rows for b in flight_batches(uri(srv), epoch=0, rank=0, world_size=2)) == 11
     finally:
         srv.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile requests (issue 12 items 6 and 9): validated, capped, one line, no server internals
+# ----------------------------------------------------------------------------------------------------
+
+
+def _epoch_action(srv, body: bytes) -> dict:
+    raw = fl.connect(f"grpc+tcp://127.0.0.1:{srv.port}")
+    return json.loads(list(raw.do_action(fl.Action("epoch", body)))[0].body.to_pybytes())
+
+
+def test_epoch_action_takes_integers_only_and_caps_world_size(server):
+    from packer.flight_server import MAX_WORLD_SIZE
+
+    got = _epoch_action(server, b'{"epoch": 1, "world_size": 3}')
+    assert got["rows"] == 22 and got["rank_rows"] == [7, 7, 8]
+    assert len(_epoch_action(server, json.dumps({"world_size": MAX_WORLD_SIZE}).encode())["rank_rows"]) == (
+        MAX_WORLD_SIZE
+    )
+    assert _epoch_action(server, b"")["rank_rows"] == [22]  # defaults: epoch 0, world_size 1
+    for body, why in [
+        (b'{"epoch": 0, "world_size": 10000000}', rf"world_size must be in \[1, {MAX_WORLD_SIZE}\]"),
+        (b'{"epoch": 0, "world_size": 2.7}', "'world_size' must be an integer, got 2.7"),
+        (b'{"epoch": 0, "world_size": "3"}', "'world_size' must be an integer, got '3'"),
+        (b'{"epoch": 0, "world_size": true}', "'world_size' must be an integer, got True"),
+        (b'{"epoch": 1.0}', "'epoch' must be an integer"),
+        (b'{"epoch": 0, "ranks": 2}', "unknown keys"),
+        (b"[0, 1]", "expected a JSON object"),
+        (b'{"epoch": -1}', "unknown epoch -1"),
+    ]:
+        with pytest.raises(fl.FlightServerError, match=why):
+            _epoch_action(server, body)
+    # Tickets have the same cap.
+    raw = fl.connect(f"grpc+tcp://127.0.0.1:{server.port}")
+    ticket = json.dumps({"epoch": 0, "rank": 0, "world_size": MAX_WORLD_SIZE + 1}).encode()
+    with pytest.raises(fl.FlightServerError, match="world_size must be in"):
+        raw.do_get(fl.Ticket(ticket)).read_all()
+
+
+HOSTILE = {  # the probes of issue 12: refused by size before parsing
+    "nested": b"[" * 100_000 + b"]" * 100_000,  # json.loads: RecursionError
+    "nested object": b'{"epoch": ' * 50_000 + b"0" + b"}" * 50_000,
+    "4301-digit integer": b'{"epoch": 1' + b"0" * 4300 + b', "rank": 0, "world_size": 1}',  # ValueError
+    "huge ticket": json.dumps({"epoch": 0, "rank": 0, "world_size": 1, "x": "a" * 100_000}).encode(),
+    # within the size limit: parsed, then refused
+    "nested within the size limit": b"[" * 2000 + b"]" * 2000,  # deeper than the recursion limit
+    "int64 overflow": b'{"epoch": 1' + b"0" * 30 + b', "rank": 0, "world_size": 1}',
+}
+
+
+def test_parse_errors_are_bad_tickets_whatever_the_size_limit(monkeypatch):
+    """Deep nesting and over-long integers fail inside json.loads (RecursionError, ValueError): bad
+    tickets too, should the size limit ever be raised."""
+    from packer import flight_server
+    from packer.flight_server import BadTicket, parse_ticket
+
+    monkeypatch.setattr(flight_server, "MAX_REQUEST_BYTES", 10**7)
+    for name in ("nested", "nested object", "4301-digit integer"):
+        with pytest.raises(BadTicket, match="bad ticket: expected JSON like"):
+            parse_ticket(HOSTILE[name])
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_requests_get_one_line_errors_without_tracebacks(server, name):
+    raw = fl.connect(f"grpc+tcp://127.0.0.1:{server.port}")
+    body = HOSTILE[name]
+    for call in (
+        lambda: raw.do_get(fl.Ticket(body)).read_all(),
+        lambda: list(raw.do_action(fl.Action("epoch", body))),
+    ):
+        with pytest.raises(fl.FlightServerError) as e:
+            call()
+        msg = str(e.value)
+        assert msg.startswith(("bad ticket:", "bad request:")), msg[:300]
+        assert "Traceback" not in msg and ".py" not in msg and "\n" not in msg, msg[:300]
+    assert list(flight_batches(uri(server), epoch=0, rank=0, world_size=2))  # the server still serves
+
+
+class _BrokenSource:
+    """A source whose reads fail with an unexpected (non-navit) error naming a server path."""
+
+    mode = "shards"
+
+    def __init__(self, pack: Path) -> None:
+        self._real = ShardSetSource(str(pack))
+        self.schema = self._real.schema
+
+    def epochs(self):
+        return self._real.epochs()
+
+    def epoch_rows(self, epoch: int) -> int:
+        if epoch == 1:
+            raise KeyError("/srv/secret/path/index.py")
+        return self._real.epoch_rows(epoch)
+
+    def stream(self, epoch: int, lo: int, hi: int):
+        yield from self._real.stream(epoch, lo, min(hi, lo + 4))
+        raise RuntimeError("disk gone at /srv/secret/path/shard.parquet")
+
+    def describe(self):
+        return self._real.describe()
+
+
+def test_unexpected_server_errors_are_logged_not_sent(pack, caplog):
+    srv = make_server(_BrokenSource(pack), host="127.0.0.1", port=0)
+    try:
+        with caplog.at_level("ERROR", logger="navit.serve"):
+            with pytest.raises(DataError) as e1:
+                list(flight_batches(uri(srv), epoch=1, wrap_epochs=False))
+            with pytest.raises(DataError) as e2:
+                list(flight_batches(uri(srv), epoch=0))
+            raw = fl.connect(f"grpc+tcp://127.0.0.1:{srv.port}")
+            with pytest.raises(fl.FlightServerError) as e3:
+                list(raw.do_action(fl.Action("epoch", b'{"epoch": 1}')))
+        for e in (e1, e2, e3):
+            msg = str(e.value)
+            assert "internal error" in msg and "secret" not in msg and "Traceback" not in msg, msg[:300]
+        logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+        assert "/srv/secret/path/index.py" in logged and "disk gone" in logged
+        assert all(r.exc_info for r in caplog.records)  # the traceback goes to the server log
+    finally:
+        srv.shutdown()
