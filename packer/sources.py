@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from packer.config import SourceConfig
 from packer.errors import NavitError
+from packer.localfile import file_kind
 from packer.plan_types import Rejection
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
@@ -106,6 +108,7 @@ def list_source(source: str, cfg: SourceConfig | None = None) -> Listing:
     """List the inputs of ``source`` (directory, manifest file, or URI of either)."""
     cfg = cfg or SourceConfig()
     if source.lower().endswith(MANIFEST_SUFFIXES):
+        check_source(source)
         return list_manifest(source, cfg)
     if _is_uri(source):
         return _list_uri_dir(source, cfg)
@@ -120,7 +123,11 @@ def check_source(source: str) -> None:
         return
     if not os.path.exists(source):
         raise NavitError(f"source not found: {source}")
-    if not source.lower().endswith(MANIFEST_SUFFIXES) and not os.path.isdir(source):
+    mode = os.stat(source).st_mode
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        if not stat.S_ISREG(mode):  # a FIFO would block the reader
+            raise NavitError(f"source {source}: not a regular file: {file_kind(mode)}")
+    elif not stat.S_ISDIR(mode):
         raise NavitError(f"source {source}: not a directory or a manifest ({', '.join(MANIFEST_SUFFIXES)})")
 
 

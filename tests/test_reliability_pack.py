@@ -387,3 +387,13 @@ def test_unwritable_out_folder_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "ro").mkdir(mode=0o555)
     proc = _navit("pack", str(tmp_path / "src"), "--out", str(tmp_path / "ro"))
     _assert_one_line_error(proc, "--out", "cannot write the pack there", "Permission denied")
+
+
+def test_a_manifest_that_is_a_fifo_is_refused_not_opened(tmp_path: Path) -> None:
+    from packer.errors import NavitError
+    from packer.sources import list_source
+
+    os.mkfifo(tmp_path / "list.csv")
+    with fifo_unblocker(tmp_path / "list.csv"), pytest.raises(NavitError) as e:
+        list_source(str(tmp_path / "list.csv"))
+    assert str(e.value) == f"source {tmp_path / 'list.csv'}: not a regular file: named pipe (FIFO)"
