@@ -364,7 +364,26 @@ def read_index(data_dir: str) -> dict[str, Any]:
     missing = [k for k in INDEX_REQUIRED if k not in index]
     if missing:
         raise DataError(f"{data_dir}/{INDEX_FILE}: missing keys {missing}")
+    if isinstance(index["shards"], list):
+        for entry in index["shards"]:
+            if isinstance(entry, dict) and "file" in entry:
+                check_shard_file(data_dir, entry["file"])
     return index
+
+
+def check_shard_file(data_dir: str, file: Any) -> None:
+    """Raise DataError unless a shard entry's ``file`` is a relative path inside the pack (as
+    ``shards/shard-000000.parquet``): an index.json must not make a reader open files elsewhere
+    (``../other/x.parquet``, ``/etc/...``, ``s3://...``)."""
+    if not isinstance(file, str) or not file:
+        raise DataError(f"{data_dir}/{INDEX_FILE}: shard file {file!r} is not a path")
+    parts = file.replace("\\", "/").split("/")
+    absolute = file.startswith(("/", "\\")) or "://" in file or (file[:1].isalpha() and file[1:2] == ":")
+    if absolute or ".." in parts:
+        raise DataError(
+            f"{data_dir}/{INDEX_FILE}: shard file {file!r} is outside the pack "
+            "(shard paths must be relative to the pack, without '..')"
+        )
 
 
 def verify_shards(data_dir: str, index: dict[str, Any]) -> list[str]:

@@ -245,3 +245,41 @@ def test_out_of_an_unfinished_run_starts_afresh(one_thread, tmp_path, small_pack
     assert code == 0, cap.err
     assert [r["step"] for r in _step_records(run)] == [2]
     assert all(r["loss"] != 9.0 for r in _step_records(run))
+
+
+# ---- shards: a truncated one without verification, paths outside the pack ---------------------------
+
+
+def _copy_pack(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst, json.loads((dst / "index.json").read_text())
+
+
+def test_truncated_shard_without_verify_is_one_line(tmp_path, small_pack, capsys):
+    pack, idx = _copy_pack(small_pack, tmp_path / "pack")
+    shard = pack / idx["shards"][1]["file"]
+    shard.write_bytes(shard.read_bytes()[:300])
+    argv = ["train", "--data", str(pack), "--out", str(tmp_path / "r"), "--steps", "2", "--warmup", "1"]
+    code, cap = _cli([*argv, *TINY, "--set", "data.verify=false"], capsys)
+    assert code == 2, cap.err
+    assert cap.err.strip().count("\n") == 0 and idx["shards"][1]["file"] in cap.err, cap.err
+    assert "Traceback" not in cap.err
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_shard_paths_are_confined_to_the_pack(tmp_path, small_pack, where):
+    from packer.errors import DataError
+    from trainer.data import open_shard_set
+
+    pack, idx = _copy_pack(small_pack, tmp_path / "pack")
+    (tmp_path / "other").mkdir()
+    outside = tmp_path / "other" / "shard.parquet"
+    (pack / idx["shards"][0]["file"]).rename(outside)  # same bytes, same sha256: only the path is wrong
+    idx["shards"][0]["file"] = "../other/shard.parquet" if where == "parent" else str(outside)
+    (pack / "index.json").write_text(json.dumps(idx))
+    for verify in (True, False):
+        with pytest.raises(DataError, match="outside the pack") as e:
+            open_shard_set(str(pack), verify=verify)
+        assert "\n" not in str(e.value)

@@ -204,8 +204,10 @@ def open_shard_set(data_dir: str, verify: bool = True) -> ShardSet:
     for entry in shards:
         try:
             pf = schema.open_shard(data_dir, entry["file"])
-        except (FileNotFoundError, OSError) as e:
-            raise DataError(f"{data_dir}/{entry['file']}: cannot open ({e})") from None
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(
+                f"{data_dir}/{entry['file']}: cannot open ({_first_line(e)}){_UNVERIFIED}"
+            ) from None
         sch = pf.schema_arrow
         meta = sch.metadata or {}
         if meta.get(b"version") != str(schema.FORMAT_VERSION).encode():
@@ -222,7 +224,12 @@ def open_shard_set(data_dir: str, verify: bool = True) -> ShardSet:
             raise DataError(
                 f"{data_dir}/{entry['file']}: {int(rows.sum())} rows but index.json says {entry['rows']}"
             )
-        labels = pf.read(columns=["labels"]).column("labels").combine_chunks().flatten()
+        try:
+            labels = pf.read(columns=["labels"]).column("labels").combine_chunks().flatten()
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(
+                f"{data_dir}/{entry['file']}: cannot read ({_first_line(e)}){_UNVERIFIED}"
+            ) from None
         if len(labels):
             max_label = max(max_label, int(pa.compute.max(labels).as_py()))
         files.append(entry["file"])
@@ -231,6 +238,14 @@ def open_shard_set(data_dir: str, verify: bool = True) -> ShardSet:
     classes = index.get("classes") or None
     num_classes = max(max_label + 1, len(classes or []))
     return ShardSet(data_dir, index, files, np.array(epochs, np.int64), groups, num_classes, classes)
+
+
+# Appended to read errors: without the sha256 check a damaged shard is found only when it is read.
+_UNVERIFIED = "; data.verify=true checks every shard's sha256 up front"
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -326,9 +341,15 @@ class _RowReader:
     def get(self, s: int, r: int) -> Rows:
         if (s, r) not in self.pending:
             g = int(np.searchsorted(self.offsets[s], r, side="right")) - 1
-            table = self._file(s).read_row_group(g)
+            try:
+                table = self._file(s).read_row_group(g)
+                arrays = Rows.from_arrow(table)
+            except (OSError, pa.ArrowException) as e:  # a shard damaged after (or without) verify
+                where = f"{self.shards.root}/{self.shards.files[s]}"
+                raise DataError(
+                    f"{where}: row group {g} unreadable ({_first_line(e)}){_UNVERIFIED}"
+                ) from None
             self.bytes_read += table.nbytes
-            arrays = Rows.from_arrow(table)
             base = int(self.offsets[s][g])
             wanted = self.wanted.pop((s, g), [])
             if r not in wanted:
