@@ -150,6 +150,29 @@ def test_plan_sizes_the_crop_not_the_image(tmp_path):
     assert len(set(np.round(crop_aspect, 2))) > 10  # the crops really vary
 
 
+def test_cli_crop_and_hflip_flags_reach_the_config(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    root = tmp_path / "src" / "a"
+    root.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(smooth_rgb(64, 48, seed=i)).save(root / f"{i}.png")
+    runner = CliRunner()
+    argv = ["plan", str(tmp_path / "src"), "--seq-len", "64", "--patch-size", "8", "--json"]
+    res = runner.invoke(app, [*argv, "--crop", "0.3:0.9:0.5:2", "--hflip", "0.25"])
+    assert res.exit_code == 0, res.output
+    aug = json.loads(res.stdout)["config"]["augment"]
+    assert aug == {"crop_scale": [0.3, 0.9], "crop_ratio": [0.5, 2.0], "hflip": 0.25}
+    res = runner.invoke(app, [*argv, "--crop", "0.5"])
+    assert isinstance(res.exception, ConfigError) and "--crop '0.5'" in str(res.exception)
+    res = runner.invoke(app, [*argv, "--hflip", "1.5"])
+    assert isinstance(res.exception, ConfigError) and "augment.hflip" in str(res.exception)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Decoding a crop
 # ----------------------------------------------------------------------------------------------------
