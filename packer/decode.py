@@ -25,8 +25,6 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError, features
@@ -78,21 +76,14 @@ class Tokens:
 # ----------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=16)
-def _filesystem(root: str) -> Any:
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(root)[0]
-
-
 def read_bytes(path: str) -> bytes:
     """A local path or a URI (s3://bucket/key, gs://…) → its bytes; DecodeError if unreadable or empty."""
     try:
         if "://" in path and not path.startswith("file://"):
-            scheme, rest = path.split("://", 1)
-            bucket = rest.split("/", 1)[0]
-            fs = _filesystem(f"{scheme}://{bucket}")
-            with fs.open_input_stream(rest) as f:
+            from packer.storage import object_filesystem
+
+            fs, key = object_filesystem(path)  # the environment's endpoint/credentials (packer.storage)
+            with fs.open_input_stream(key) as f:
                 data = f.read()
         else:
             local = path[len("file://") :] if path.startswith("file://") else path

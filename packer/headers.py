@@ -63,9 +63,9 @@ class Headers:
 
 def _open_stream(path: str) -> Any:
     if "://" in path and not path.startswith("file://"):
-        import pyarrow.fs as pafs
+        from packer.storage import object_filesystem
 
-        fs, inner = pafs.FileSystem.from_uri(path)
+        fs, inner = object_filesystem(path)
         return fs.open_input_file(inner)  # random access: Pillow seeks within the header
     # Only regular files: open() on a FIFO would block until a writer appears.
     return open_regular(path[len("file://") :] if path.startswith("file://") else path)

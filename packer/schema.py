@@ -252,9 +252,9 @@ def table_to_arrays(table: pa.Table | pa.RecordBatch) -> dict[str, Any]:
 
 def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """A local path or a URI pyarrow understands (s3://, gs://, file://) → (filesystem, path)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    from packer.storage import filesystem
+
+    return filesystem(uri)
 
 
 def join(base: str, rel: str) -> str:
@@ -262,11 +262,18 @@ def join(base: str, rel: str) -> str:
 
 
 def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
-    """Write to a temp file next to ``path`` and rename it into place: a crash never leaves a
-    half-written file under the final name. (On object stores a single PUT is already atomic.)"""
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
+    """A file appears whole under ``path`` or not at all.
+
+    Local disk: write a temp file next to ``path``, fsync, rename it into place.
+    Object stores (s3://, gs://) have no rename and need none: an object becomes visible only when
+    its upload completes (one PUT, or one CompleteMultipartUpload for large objects), whole, and
+    replaces the previous object whole; an upload cut short leaves no object. There are no
+    directories either, so none are created. What a crash between objects leaves is handled one
+    level up: each shard's sha256 is in its sidecar and in index.json, and index.json, written last,
+    is the pack's commit marker (a pack without it is unfinished; readers and --resume verify
+    checksums)."""
     if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)

@@ -95,8 +95,10 @@ def _split_uri(source: str) -> tuple[object, str, str]:
     """(pyarrow filesystem, path inside it, prefix that turns a path back into a readable location)."""
     import pyarrow.fs as pafs
 
+    from packer.storage import filesystem
+
     try:
-        fs, path = pafs.FileSystem.from_uri(source)
+        fs, path = filesystem(source)  # URI options, else the environment's endpoint (packer.storage)
     except (ValueError, OSError) as e:  # pa.ArrowInvalid is a ValueError
         raise NavitError(f"source {source!r}: {str(e).splitlines()[0]}") from None
     if isinstance(fs, pafs.LocalFileSystem):
