@@ -257,6 +257,15 @@ def _varlen_attend(lay: Layout, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         raise ValueError("attention='varlen' needs bf16/fp16 activations (use autocast); float32 → 'segment'")
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(
-        q, k, v, lay.cu_seqlens, lay.cu_seqlens, lay.max_len, lay.max_len, scale=1.0 / math.sqrt(q.shape[-1])
-    )
+    # Early releases of varlen_attn (torch 2.10) take no ``scale``; their fixed 1/sqrt(d) is this one.
+    kwargs = {"scale": 1.0 / math.sqrt(q.shape[-1])} if _varlen_takes_scale(varlen_attn) else {}
+    return varlen_attn(q, k, v, lay.cu_seqlens, lay.cu_seqlens, lay.max_len, lay.max_len, **kwargs)
+
+
+def _varlen_takes_scale(fn: object) -> bool:
+    import inspect
+
+    try:
+        return "scale" in inspect.signature(fn).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return True
