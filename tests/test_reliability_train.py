@@ -283,3 +283,61 @@ def test_shard_paths_are_confined_to_the_pack(tmp_path, small_pack, where):
         with pytest.raises(DataError, match="outside the pack") as e:
             open_shard_set(str(pack), verify=verify)
         assert "\n" not in str(e.value)
+
+
+# ---- 2. impossible batch sizes, memory estimated before allocating ----------------------------------
+
+
+def _pack_rows(pack) -> int:
+    return json.loads((pack / "index.json").read_text())["totals"]["sequences"]
+
+
+def test_batch_larger_than_the_pack_is_refused(tmp_path, small_pack, capsys):
+    from packer.errors import ConfigError
+
+    rows = _pack_rows(small_pack)
+    assert open_source(str(small_pack), batch_size=rows, seed=0).batch_size == rows  # all of it: fine
+    with pytest.raises(
+        ConfigError, match=rf"--batch-size {rows + 1}: the pack has only {rows} rows per epoch"
+    ):
+        open_source(str(small_pack), batch_size=rows + 1, seed=0)
+    # Under DDP a rank reads about half: the smallest rank's share is the limit, on every rank.
+    for rank in (0, 1):
+        with pytest.raises(ConfigError, match="with 2 processes a rank reads only"):
+            open_source(str(small_pack), batch_size=rows // 2 + 2, seed=0, rank=rank, world_size=2)
+    argv = ["train", "--data", str(small_pack), "--out", str(tmp_path / "r"), "--steps", "2", "--warmup", "1"]
+    code, cap = _cli([*argv, *TINY, "--batch-size", "100000"], capsys)
+    assert code == 2 and cap.err.strip().count("\n") == 0 and "--batch-size 100000" in cap.err, cap.err
+    assert not (tmp_path / "r").exists()
+
+
+def test_step_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path, small_pack, monkeypatch):
+    from packer.errors import ConfigError
+    from trainer import memory
+
+    cfg = tiny_train_config(**{"schedule.steps": 2})
+    est = memory.estimate_step(0, 2, 64, 8 * 8 * 3, 4, 64, 1)
+    # The activation floor of this config: 4 rows x 64 tokens x 2 blocks x 64 channels x 16 floats.
+    assert est.activations == 4 * 64 * 2 * 64 * 16 * 4
+    monkeypatch.setattr(memory, "available_bytes", lambda device: est.activations // 2)
+    with pytest.raises(
+        ConfigError, match=r"--batch-size 4 x seq_len 64 needs at least .* GiB per process"
+    ) as e:
+        train(
+            cfg,
+            lambda info: open_source(str(small_pack), batch_size=4, seed=0),
+            tmp_path / "r",
+            verbose=False,
+        )
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "r").exists()  # refused before the run folder, the model or a batch
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 64 * 2**30)
+    assert (
+        train(
+            cfg,
+            lambda info: open_source(str(small_pack), batch_size=4, seed=0),
+            tmp_path / "r",
+            verbose=False,
+        ).steps
+        == 2
+    )

@@ -276,6 +276,29 @@ def rank_epoch_rows(
     """This rank's rows of training epoch ``epoch`` in order: (N, 2) int64 of (shard, row).
 
     Pure function of its arguments (and the pack's layout)."""
+    parts = []
+    for s, g, n in _rank_blocks(shards, epoch, seed, rank, world_size):
+        first = int(shards.group_rows[s][:g].sum())
+        parts.append(np.stack([np.full(n, s, np.int64), np.arange(first, first + n, dtype=np.int64)], 1))
+    rows = np.concatenate(parts)
+    order = shuffle_buffer_order(len(rows), buffer, _rng(seed, epoch, 1, rank, world_size))
+    return rows[order]
+
+
+def rank_rows_per_epoch(shards: ShardSet, seed: int, rank: int, world_size: int) -> int:
+    """The fewest rows this rank reads in any of the first ``pack_epochs`` training epochs (one
+    per pack epoch; later epochs reuse those shards in another order, so differ by a row group at
+    most). No pixel reads."""
+    return min(
+        sum(n for _, _, n in _rank_blocks(shards, e, seed, rank, world_size))
+        for e in range(shards.pack_epochs)
+    )
+
+
+def _rank_blocks(
+    shards: ShardSet, epoch: int, seed: int, rank: int, world_size: int
+) -> list[tuple[int, int, int]]:
+    """This rank's (shard, row group, rows) of training epoch ``epoch``, in reading order."""
     pack_epoch = epoch % shards.pack_epochs
     ids = np.flatnonzero(shards.shard_epoch == pack_epoch)
     ids = ids[_rng(seed, epoch, 0).permutation(len(ids))]
@@ -295,14 +318,7 @@ def rank_epoch_rows(
         c = int(np.searchsorted(starts, r * total / world_size, side="left"))
         cuts.append(min(max(c, cuts[-1] + 1), len(blocks) - (world_size - r)))
     cuts.append(len(blocks))
-    mine = blocks[cuts[rank] : cuts[rank + 1]]
-    parts = []
-    for s, g, n in mine:
-        first = int(shards.group_rows[s][:g].sum())
-        parts.append(np.stack([np.full(n, s, np.int64), np.arange(first, first + n, dtype=np.int64)], 1))
-    rows = np.concatenate(parts)
-    order = shuffle_buffer_order(len(rows), buffer, _rng(seed, epoch, 1, rank, world_size))
-    return rows[order]
+    return blocks[cuts[rank] : cuts[rank + 1]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,6 +504,17 @@ class ShardSource:
         digests = "".join(e["sha256"] for e in self.shards.index["shards"])
         self.fingerprint = f"pack:{schema.sha256_bytes(digests.encode())[:16]}"
         self.description = self.description or f"shards {self.shards.root}"
+        # A batch of more rows than this rank reads in an epoch would hold whole epochs, repeated
+        # (a 100000-row batch of a 45-row pack grew to 22 GB before the OOM killer ended it).
+        # Checked against the smallest rank's share so that every rank refuses (none waits for it).
+        w = self.world_size
+        have = min(rank_rows_per_epoch(self.shards, self.seed, r, w) for r in range(w))
+        if self.batch_size > have:
+            whose = "the pack has" if w == 1 else f"with {w} processes a rank reads"
+            raise ConfigError(
+                f"--batch-size {self.batch_size}: {whose} only {have} rows per epoch of "
+                f"{self.shards.root}; use --batch-size {have} or less"
+            )
 
     def stream(self, start: DataPosition = DataPosition()) -> ShardStream:
         return ShardStream(

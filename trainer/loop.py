@@ -105,6 +105,43 @@ def build_model(cfg: TrainConfig, num_classes: int, patch_size: int) -> tuple[to
     return NaViT(mcfg), mcfg
 
 
+def check_memory(
+    cfg: TrainConfig,
+    num_classes: int,
+    source: Any,
+    device: torch.device,
+    info: Any,
+) -> None:
+    """Refuse (one line, on every rank) a step whose memory floor (trainer/memory.py) exceeds what
+    this process has: before the model, the optimizer or any batch is allocated."""
+    from trainer import memory
+
+    with torch.device("meta"):  # shapes only: no memory, no RNG draws
+        shell, mcfg = build_model(cfg, num_classes, source.patch_size)
+    est = memory.estimate_step(
+        sum(p.numel() for p in shell.parameters()),
+        mcfg.depth,
+        mcfg.dim,
+        mcfg.patch_dim,
+        cfg.data.batch_size,
+        source.seq_len,
+        cfg.data.grad_accum,
+        act_bytes=2 if device.type == "cuda" else 4,
+    )
+    avail = memory.available_bytes(device)
+    short = avail is not None and est.total > avail
+    (flag,) = all_reduce_sum([float(short)], info, device)
+    if flag:
+        g = memory.gib
+        have = f"{g(avail)} is available" if short else "another process lacks it"
+        raise ConfigError(
+            f"--batch-size {cfg.data.batch_size} x seq_len {source.seq_len} needs at least {g(est.total)} "
+            f"per process on {device.type} (model+optimizer {g(est.params)}, activations "
+            f"{g(est.activations)}, batches {g(est.batches)}) but {have}: lower --batch-size "
+            "(--grad-accum keeps the step size)"
+        )
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # No decay on biases, norms, embeddings' 1-D params: the usual ViT recipe.
     decay, no_decay = [], []
@@ -174,6 +211,7 @@ def train(
             raise NavitError(f"--resume: {run} was trained on {state.meta.get('data')!r}, not on this data")
         num_classes = int(state.meta["model_config"].get("num_classes", num_classes))
 
+    check_memory(cfg, num_classes, source, device, info)
     torch.manual_seed(cfg.seed)
     model, mcfg = build_model(cfg, num_classes, source.patch_size)
     if state is not None:

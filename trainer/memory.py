@@ -1,0 +1,94 @@
+"""A training step's memory, estimated before anything is allocated, against the memory available.
+
+The estimate is a floor, not a forecast: it counts what a step cannot do without and leaves out
+allocator slack, attention scores and temporaries, so a run it lets through may still be tight, but
+a run it refuses could not have fit. Per process:
+
+- **model + optimizer**: 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments);
+- **activations** kept for the backward: ``ACT_FLOATS`` floats per token, per block, per channel,
+  for ``batch_size * seq_len`` tokens (4-byte floats on CPU, 2-byte under CUDA's bf16 autocast).
+  Measured on CPU for the tiny and small presets by benchmarks/bench_step_memory.py (peak RSS
+  growth of one forward+backward, minus the gradients): 16.5-20.4 floats per token-block-channel
+  (docs/train.md); 16 is the floor;
+- **host batches**: the uint8 patches and int32 layout of ``grad_accum`` micro-batches plus two in
+  flight.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ACT_FLOATS = 16
+PARAM_BYTES = 16  # weights + grads + AdamW exp_avg + exp_avg_sq, fp32
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Estimated bytes of one training step, per process."""
+
+    params: int
+    activations: int
+    batches: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.activations + self.batches
+
+
+def estimate_step(
+    n_params: int,
+    depth: int,
+    dim: int,
+    patch_dim: int,
+    batch_size: int,
+    seq_len: int,
+    grad_accum: int,
+    act_bytes: int = 4,
+) -> StepMemory:
+    """The floor described in the module docstring."""
+    tokens = batch_size * seq_len
+    # Per token on the host: patches (uint8) + segment id, 2 positions, 2 grid sides (int32).
+    host = tokens * (patch_dim + 5 * 4) * (grad_accum + 2)
+    return StepMemory(n_params * PARAM_BYTES, tokens * depth * dim * ACT_FLOATS * act_bytes, host)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory this process can still use: free memory of its CUDA device, or on CPU the smaller of
+    the kernel's MemAvailable and the cgroup's remaining limit, shared by the processes of this
+    host (``LOCAL_WORLD_SIZE`` under torchrun). None when unknown."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    limits = [x for x in (_meminfo_available(), _cgroup_available()) if x is not None]
+    if not limits:
+        return None
+    return min(limits) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_available() -> int | None:
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((root / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
