@@ -268,6 +268,24 @@ def test_truncated_shard_without_verify_is_one_line(tmp_path, small_pack, capsys
     assert "Traceback" not in cap.err
 
 
+def test_shard_damaged_mid_run_is_one_line(tmp_path, small_pack):
+    from packer.errors import DataError
+
+    pack, idx = _copy_pack(small_pack, tmp_path / "pack")
+    src = open_source(str(pack), batch_size=4, seed=0, verify=False)
+    for entry in idx["shards"]:  # zero every page in place, keeping the footer the source has read
+        f = pack / entry["file"]
+        data = f.read_bytes()
+        footer = int.from_bytes(data[-8:-4], "little")
+        with open(f, "r+b") as out:
+            out.seek(4)
+            out.write(bytes(len(data) - footer - 12))
+    with pytest.raises(DataError, match=r"shard-\d+\.parquet: row group \d+ unreadable") as e:
+        for _ in zip(range(30), src.batches(), strict=False):
+            pass
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("where", ["parent", "absolute"])
 def test_shard_paths_are_confined_to_the_pack(tmp_path, small_pack, where):
     from packer.errors import DataError
