@@ -15,25 +15,35 @@ def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (ImageFolder layout)")],
     n: Annotated[int, typer.Option("--n", help="number of images")] = 600,
     seed: Annotated[int, typer.Option("--seed", help="seed: same seed and n give byte-identical files")] = 0,
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="shapes: 6 shape/texture classes, 48-1024 px | aspect: dark ellipse or rectangle whose "
+            "class is its kind and its own aspect ratio (tall/round/wide), 64-256 px (make demo)",
+        ),
+    ] = "shapes",
 ) -> None:
-    """Generate N labeled images (shapes and textures; JPEG/PNG; RGB/L/RGBA/P; some EXIF-rotated)."""
-    from packer.synth import CLASSES, generate
+    """Generate N labeled images (JPEG/PNG; RGB/L/RGBA/P; some EXIF-rotated) of one task."""
+    from packer.synth import TASKS, generate
 
     if n < 0:
         raise NavitError(f"--n must be >= 0 (got {n})")
     if seed < 0:
         raise NavitError(f"--seed must be >= 0 (got {seed})")
+    if task not in TASKS:
+        raise NavitError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     if out.exists() and not out.is_dir():
         raise NavitError(f"--out {out}: exists and is not a directory")
     t0 = time.perf_counter()
     try:
-        written = generate(out, n=n, seed=seed)
+        written = generate(out, n=n, seed=seed, task=task)
     except OSError as e:
         raise NavitError(f"cannot write to {out}: {e.strerror or e}") from None
     dt = time.perf_counter() - t0
     rate = len(written) / dt if dt > 0 else float("inf")
     typer.echo(
-        f"wrote {len(written)} images in {len(CLASSES)} classes ({', '.join(CLASSES)}) to {out} "
+        f"wrote {len(written)} images in {len(TASKS[task])} classes ({', '.join(TASKS[task])}) to {out} "
         f"in {dt:.1f}s ({rate:.0f} images/s)"
     )
 

@@ -1,9 +1,20 @@
 """`navit synth`: a deterministic, labeled ImageFolder of synthetic images for tests and demos.
 
-Each class is a *content* category (a shape or a texture drawn at random scale, position, angle and
-colour over a random gradient background), so a model must look at pixels to tell classes apart: the
-image size, aspect ratio, file format and colour mode are drawn from one distribution, independently
-of the label.
+Two tasks (``task=``):
+
+- ``shapes`` (the default): each class is a *content* category (a shape or a texture drawn at random
+  scale, position, angle and colour over a random gradient background). Sizes 48-1024 px, aspect
+  1:4-4:1. Hard for a small ViT trained from scratch (textures finer than a patch).
+- ``aspect`` (``make demo``): one dark, axis-aligned ellipse or rectangle on a light tinted
+  background, whose class is its kind *and its own aspect ratio* (width/height 1/2, 1 or 2). The
+  image's aspect ratio is drawn independently of the label (log-uniform in 1:2-2:1), so squashing
+  an image to a square changes the shape's apparent aspect by up to 2x either way: a model that
+  sees square-resized images cannot tell ``circle`` in a wide image from ``ellipse_tall`` in a
+  square one, while one that keeps the native aspect ratio (NaViT) can. The shapes span a few
+  patches, so a small ViT learns them in minutes on a CPU.
+
+In both, a model must look at pixels to tell classes apart: the image size, aspect ratio, file
+format and colour mode are drawn from one distribution, independently of the label.
 
 Every image has its own generator seeded by (seed, index), so the output is byte-identical for a given
 (seed, n) whatever the order of generation, and image i is the same whatever ``n`` is.
@@ -27,6 +38,28 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES: tuple[str, ...] = ("checker", "circle", "cross", "square", "stripes", "triangle")
+
+# Task "aspect": what each class draws — (shape, width / height of the shape). Sorted names, so the
+# label index equals the folder's index in `navit pack`'s sorted class list.
+ASPECT_SHAPES: dict[str, tuple[str, float]] = {
+    "circle": ("ellipse", 1.0),
+    "ellipse_tall": ("ellipse", 0.5),
+    "ellipse_wide": ("ellipse", 2.0),
+    "rect_tall": ("rect", 0.5),
+    "rect_wide": ("rect", 2.0),
+    "square": ("rect", 1.0),
+}
+ASPECT_CLASSES: tuple[str, ...] = tuple(sorted(ASPECT_SHAPES))
+TASKS: dict[str, tuple[str, ...]] = {"shapes": CLASSES, "aspect": ASPECT_CLASSES}
+# Image geometry of the aspect task: longer side log-uniform in [64, 256] px (small: the demo
+# trains at 32-128 px), image aspect ratio log-uniform in [1/2, 2].
+ASPECT_MIN_LONG_SIDE = 64
+ASPECT_MAX_LONG_SIDE = 256
+ASPECT_MAX_IMAGE_ASPECT = 2.0
+ASPECT_MARGIN = 0.05  # the shape keeps this fraction of each side clear of the border
+ASPECT_FILL = (0.45, 0.9)  # shape size as a fraction of the largest that fits
+ASPECT_BG_RANGE = (150, 256)  # background channels (light)
+ASPECT_INK_MAX = 110  # shape channels are in [0, ASPECT_INK_MAX) (dark)
 
 MIN_SIDE = 48
 MAX_SIDE = 1024
@@ -162,6 +195,84 @@ def _render(rng: np.random.Generator, cls: str, w: int, h: int) -> Image.Image:
     return img
 
 
+def _draw_size_aspect(rng: np.random.Generator) -> tuple[int, int]:
+    """Aspect task: longer side and image aspect ratio (w/h) both log-uniform; (w, h)."""
+    long_side = math.exp(rng.uniform(math.log(ASPECT_MIN_LONG_SIDE), math.log(ASPECT_MAX_LONG_SIDE)))
+    r = math.log(ASPECT_MAX_IMAGE_ASPECT)
+    aspect = math.exp(rng.uniform(-r, r))
+    w, h = (long_side, long_side / aspect) if aspect >= 1 else (long_side * aspect, long_side)
+    return int(round(w)), int(round(h))
+
+
+def shape_box(rng: np.random.Generator, cls: str, w: int, h: int) -> tuple[int, int, int, int]:
+    """Aspect task: the shape's pixel box (x0, y0, x1, y1), exclusive ends, inside a w×h image.
+
+    Its width/height is the class's aspect ratio (up to rounding to whole pixels), its size a random
+    fraction of the largest such box that fits inside the margins, its position uniform."""
+    a = ASPECT_SHAPES[cls][1]
+    inner_w, inner_h = (1 - 2 * ASPECT_MARGIN) * w, (1 - 2 * ASPECT_MARGIN) * h
+    bw = rng.uniform(*ASPECT_FILL) * min(inner_w, inner_h * a)  # width of the shape, px
+    bw = max(2, int(round(bw)))
+    bh = max(2, int(round(bw / a)))
+    x_lo, y_lo = int(math.ceil(ASPECT_MARGIN * w)), int(math.ceil(ASPECT_MARGIN * h))
+    x0 = int(rng.integers(x_lo, max(x_lo, w - x_lo - bw) + 1))
+    y0 = int(rng.integers(y_lo, max(y_lo, h - y_lo - bh) + 1))
+    return x0, y0, x0 + bw, y0 + bh
+
+
+def _render_aspect(rng: np.random.Generator, cls: str, w: int, h: int) -> Image.Image:
+    """Aspect task: a dark ellipse or rectangle of the class's aspect ratio on a light gradient.
+
+    Dark-on-light with random tints keeps one polarity (the shape is darker than its background):
+    with arbitrary colour pairs a small ViT needs far longer to learn the same shapes."""
+    lo, hi = ASPECT_BG_RANGE
+    c0 = rng.integers(lo, hi, 3)
+    c1 = np.clip(c0 + rng.integers(-40, 41, 3), lo, hi - 1)
+    theta = rng.uniform(0, 2 * math.pi)
+    ys = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+    xs = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :, None]
+    t = np.float32(math.cos(theta)) * xs + np.float32(math.sin(theta)) * ys  # (h, w, 1)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    bg = (c0.astype(np.float32) * (1 - t) + c1.astype(np.float32) * t).astype(np.uint8)  # (h, w, 3)
+    img = Image.fromarray(bg, "RGB")
+    x0, y0, x1, y1 = shape_box(rng, cls, w, h)
+    ink = tuple(int(c) for c in rng.integers(0, ASPECT_INK_MAX, 3))
+    draw = ImageDraw.Draw(img)
+    if ASPECT_SHAPES[cls][0] == "ellipse":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=ink)  # PIL boxes are inclusive
+    else:
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=ink)
+    return img
+
+
+def task_classes(task: str, classes: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """``classes`` (default: the task's own), checked to be drawable by ``task``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown synth task {task!r}: choose one of {sorted(TASKS)}")
+    classes = TASKS[task] if classes is None else tuple(classes)
+    if not classes:
+        raise ValueError("no classes given")
+    known = ASPECT_SHAPES if task == "aspect" else CLASSES
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise ValueError(f"task {task!r} has no class(es) {unknown}; known: {list(known)}")
+    return classes
+
+
+def render_upright(
+    seed: int, index: int, classes: tuple[str, ...] | None = None, task: str = "shapes"
+) -> tuple[Image.Image, int]:
+    """The upright RGB image ``index`` of (seed, task) before encoding, and its label."""
+    classes = task_classes(task, classes)
+    label = index % len(classes)  # exact class balance
+    rng_geom, rng_content = (np.random.default_rng([seed, index, k]) for k in range(2))
+    if task == "aspect":
+        w, h = _draw_size_aspect(rng_geom)
+        return _render_aspect(rng_content, classes[label], w, h), label
+    w, h = _draw_size(rng_geom)
+    return _render(rng_content, classes[label], w, h), label
+
+
 def _encode(img: Image.Image, rng: np.random.Generator) -> tuple[bytes, str, str, int]:
     """Pick mode / format / orientation (independently of the label) and encode.
 
@@ -210,15 +321,19 @@ def _encode(img: Image.Image, rng: np.random.Generator) -> tuple[bytes, str, str
     return buf.getvalue(), mode, fmt, orientation
 
 
-def synth_one(seed: int, index: int, classes: tuple[str, ...] = CLASSES) -> tuple[SynthImage, bytes]:
-    """Generate image ``index`` of the dataset with ``seed``: its description and its file bytes."""
-    # Three independent streams: geometry and encoding draws never depend on which class (and so
-    # how many content draws) the image has, so size, aspect, mode and format carry no label signal.
-    rng_geom, rng_content, rng_enc = (np.random.default_rng([seed, index, k]) for k in range(3))
-    label = index % len(classes)  # exact class balance
-    w, h = _draw_size(rng_geom)
-    img = _render(rng_content, classes[label], w, h)
-    data, mode, fmt, orientation = _encode(img, rng_enc)
+def synth_one(
+    seed: int, index: int, classes: tuple[str, ...] | None = None, task: str = "shapes"
+) -> tuple[SynthImage, bytes]:
+    """Generate image ``index`` of the dataset with ``seed``: its description and its file bytes.
+
+    ``classes`` defaults to the task's classes (``TASKS[task]``); label = index mod len(classes)."""
+    classes = task_classes(task, classes)
+    # Three independent streams (geometry, content, encoding): geometry and encoding draws never
+    # depend on which class (and so how many content draws) the image has, so size, aspect, mode
+    # and format carry no label signal.
+    img, label = render_upright(seed, index, classes, task)
+    w, h = img.size
+    data, mode, fmt, orientation = _encode(img, np.random.default_rng([seed, index, 2]))
     ext = "jpg" if fmt == "JPEG" else "png"
     rel = f"{classes[label]}/img_{index:06d}.{ext}"
     return SynthImage(index, rel, label, w, h, mode, fmt, orientation), data
@@ -235,18 +350,21 @@ def generate(
     out: str | Path,
     n: int = 600,
     seed: int = 0,
-    classes: tuple[str, ...] = CLASSES,
+    classes: tuple[str, ...] | None = None,
     threads: int | None = None,
+    task: str = "shapes",
 ) -> list[SynthImage]:
-    """Write ``n`` images into ``out`` as an ImageFolder; returns what was written, in index order."""
+    """Write ``n`` images of ``task`` into ``out`` as an ImageFolder; returns what was written, in
+    index order."""
     if n < 0:
         raise ValueError("n must be >= 0")
+    classes = task_classes(task, classes)
     root = Path(out)
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
 
     def one(i: int) -> SynthImage:
-        info, data = synth_one(seed, i, classes)
+        info, data = synth_one(seed, i, classes, task)
         _atomic_write(root / info.relpath, data)
         return info
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from packer.errors import NavitError
 from packer.synth import CLASSES, MAX_ASPECT, MAX_SIDE, MIN_SIDE, generate, synth_one
 
 
@@ -116,3 +117,122 @@ def test_cli_synth(tmp_path):
     res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "x"), "--n", "12", "--seed", "0"])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "x").rglob("*.*"))) == 12
+
+
+# ---------------------------------------------------------------------------------- task "aspect"
+
+
+def _dark_box(img: Image.Image) -> tuple[int, int, float]:
+    """(width, height, fill fraction) of the shape: the box of pixels darker than any background
+    pixel (every background channel is >= 150, every shape channel < ASPECT_INK_MAX)."""
+    from packer.synth import ASPECT_BG_RANGE
+
+    arr = np.asarray(img.convert("RGB"), np.int16)
+    dark = arr.max(-1) < ASPECT_BG_RANGE[0]  # (h, w)
+    ys, xs = np.nonzero(dark)
+    w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    return int(w), int(h), float(dark.sum()) / (w * h)
+
+
+def test_aspect_task_shapes_have_their_class_aspect_and_kind():
+    from packer.synth import ASPECT_CLASSES, ASPECT_SHAPES, render_upright
+
+    seen = Counter()
+    for i in range(120):
+        img, label = render_upright(7, i, task="aspect")
+        cls = ASPECT_CLASSES[label]
+        kind, aspect = ASPECT_SHAPES[cls]
+        w, h, fill = _dark_box(img)
+        # Whole-pixel rounding of a box at least ~12 px on its short side: within 10 %.
+        assert abs(np.log((w / h) / aspect)) < 0.1, (i, cls, w, h)
+        if kind == "rect":
+            assert fill > 0.99, (i, cls, fill)
+        else:  # an ellipse fills pi/4 of its box
+            assert 0.72 < fill < 0.84, (i, cls, fill)
+        seen[cls] += 1
+    assert set(seen) == set(ASPECT_CLASSES) and max(seen.values()) - min(seen.values()) <= 1
+
+
+def test_aspect_task_geometry_bounds_and_independent_of_label():
+    from packer.synth import (
+        ASPECT_CLASSES,
+        ASPECT_MAX_IMAGE_ASPECT,
+        ASPECT_MAX_LONG_SIDE,
+        ASPECT_MIN_LONG_SIDE,
+    )
+
+    aspects = []
+    for i in range(150):
+        info, _ = synth_one(3, i, task="aspect")
+        assert info.relpath.startswith(ASPECT_CLASSES[info.label] + "/")
+        assert ASPECT_MIN_LONG_SIDE - 1 <= max(info.width, info.height) <= ASPECT_MAX_LONG_SIDE + 1
+        a = info.width / info.height
+        assert 1 / ASPECT_MAX_IMAGE_ASPECT - 0.02 <= a <= ASPECT_MAX_IMAGE_ASPECT + 0.02
+        aspects.append(a)
+        other, _ = synth_one(3, i, classes=tuple(reversed(ASPECT_CLASSES)), task="aspect")
+        # Same index, permuted class list: another class drawn, same geometry, format and mode.
+        assert (other.width, other.height, other.mode, other.format, other.orientation) == (
+            info.width,
+            info.height,
+            info.mode,
+            info.format,
+            info.orientation,
+        )
+    # Both wide and tall images occur (the image aspect is what square-resizing distorts).
+    assert min(aspects) < 0.7 and max(aspects) > 1.4
+
+
+def test_aspect_task_square_resize_makes_classes_ambiguous():
+    """Why NaViT: at the native aspect ratio 'circle' and 'ellipse_tall' are separated (1 vs 1/2),
+    but after squashing each image to a square, a circle in a wide image looks as tall as a tall
+    ellipse in a square-ish image: the two classes' apparent aspect ranges overlap."""
+    from packer.synth import ASPECT_CLASSES, render_upright
+
+    native = {"circle": [], "ellipse_tall": []}
+    squashed = {"circle": [], "ellipse_tall": []}
+    for i in range(240):
+        img, label = render_upright(11, i, task="aspect")
+        cls = ASPECT_CLASSES[label]
+        if cls not in native:
+            continue
+        w, h, _ = _dark_box(img)
+        native[cls].append(w / h)
+        sw, sh, _ = _dark_box(img.resize((128, 128), Image.Resampling.NEAREST))
+        squashed[cls].append(sw / sh)
+    assert min(native["circle"]) > 0.9 and max(native["ellipse_tall"]) < 0.55
+    assert min(squashed["circle"]) < max(squashed["ellipse_tall"])
+
+
+def test_aspect_task_byte_identical_and_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    a = generate(tmp_path / "a", n=18, seed=2, threads=1, task="aspect")
+    generate(tmp_path / "b", n=18, seed=2, threads=3, task="aspect")
+    assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
+    res = CliRunner().invoke(
+        app, ["synth", "--out", str(tmp_path / "c"), "--n", "18", "--seed", "2", "--task", "aspect"]
+    )
+    assert res.exit_code == 0, res.output
+    assert _tree_bytes(tmp_path / "c") == _tree_bytes(tmp_path / "a")
+    assert [i.relpath.split("/")[0] for i in a[:6]] == [
+        "circle",
+        "ellipse_tall",
+        "ellipse_wide",
+        "rect_tall",
+        "rect_wide",
+        "square",
+    ]
+    bad = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "d"), "--n", "2", "--task", "nope"])
+    # (main() turns a NavitError into one line on stderr and exit code 2.)
+    assert isinstance(bad.exception, NavitError) and "--task 'nope'" in str(bad.exception)
+
+
+def test_unknown_task_or_class_is_a_clear_error(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown synth task"):
+        synth_one(0, 0, task="nope")
+    with pytest.raises(ValueError, match="has no class"):
+        synth_one(0, 0, classes=("checker",), task="aspect")
