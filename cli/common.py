@@ -78,7 +78,10 @@ WorkersOpt = Annotated[
 RayAddressOpt = Annotated[
     str | None,
     typer.Option(
-        "--ray-address", help="join a running Ray cluster (default: embedded local Ray)", show_default=False
+        "--ray-address",
+        help="HOST:PORT or auto: join a running Ray cluster (auth token from ~/.ray/auth_token, "
+        "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN); default: embedded local Ray",
+        show_default=False,
     ),
 ]
 
