@@ -38,11 +38,11 @@ def one_thread():
 def test_posemb_backward_is_deterministic_with_two_threads(two_threads, kind):
     from model.posemb import FactorizedPosEmb
 
-    # 4096 tokens x 64 channels: well above the size at which torch's CPU kernels go parallel.
+    # 8192 tokens x 64 channels: well above the size at which torch's CPU kernels go parallel.
     g = torch.Generator().manual_seed(0)
-    grid = torch.randint(1, 40, (4096, 2), generator=g)
-    pos = (torch.rand(4096, 2, generator=g) * grid).long()
-    up = torch.randn(4096, 64, generator=g)
+    grid = torch.randint(1, 40, (8192, 2), generator=g)
+    pos = (torch.rand(8192, 2, generator=g) * grid).long()
+    up = torch.randn(8192, 64, generator=g)
     torch.manual_seed(0)
     emb = FactorizedPosEmb(kind, 64, 64, 64)
 
@@ -52,7 +52,8 @@ def test_posemb_backward_is_deterministic_with_two_threads(two_threads, kind):
         return torch.cat([emb.table_y.grad, emb.table_x.grad])
 
     ref = grads()
-    assert all(torch.equal(grads(), ref) for _ in range(8))
+    # The old lookup's threads race only while both run at once: enough passes to see it on a busy host.
+    assert all(torch.equal(grads(), ref) for _ in range(16))
 
 
 def _step_records(run) -> list[dict]:
@@ -68,7 +69,14 @@ def wide_pack(tmp_path_factory):
 
 
 def test_two_thread_training_is_reproducible_and_resumes_exactly(two_threads, tmp_path, wide_pack):
-    cfg = tiny_train_config(**{"schedule.steps": 6, "data.batch_size": 8, "log_every": 1})
+    cfg = tiny_train_config(
+        **{
+            "schedule.steps": 4,
+            "data.batch_size": 8,
+            "log_every": 1,
+            "model.overrides": {"depth": 1, "dim": 64, "heads": 2},
+        }
+    )
 
     def src(info):
         return open_source(str(wide_pack), batch_size=8, seed=0)
@@ -77,11 +85,11 @@ def test_two_thread_training_is_reproducible_and_resumes_exactly(two_threads, tm
     b = train(cfg, src, tmp_path / "b", verbose=False)
     assert a.losses == b.losses  # exact float equality
     grad_a = [r["grad_norm"] for r in _step_records(tmp_path / "a")]
-    assert len(grad_a) == 6 and grad_a == [r["grad_norm"] for r in _step_records(tmp_path / "b")]
-    # Interrupted after step 3, resumed: the rest equals the uninterrupted run bit for bit.
-    train(cfg, src, tmp_path / "c", stop_after=3, verbose=False)
+    assert len(grad_a) == 4 and grad_a == [r["grad_norm"] for r in _step_records(tmp_path / "b")]
+    # Interrupted after step 2, resumed: the rest equals the uninterrupted run bit for bit.
+    train(cfg, src, tmp_path / "c", stop_after=2, verbose=False)
     rest = train(cfg, src, tmp_path / "c", resume=True, verbose=False)
-    assert rest.start_step == 3 and rest.losses == a.losses[3:]
+    assert rest.start_step == 2 and rest.losses == a.losses[2:]
     wa, wc = ck.load_checkpoint(tmp_path / "a").weights, ck.load_checkpoint(tmp_path / "c").weights
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
