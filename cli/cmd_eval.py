@@ -20,7 +20,12 @@ def register(app: typer.Typer) -> None:
             Path, typer.Option("--checkpoint", help="checkpoint directory, or a run directory (newest)")
         ],
         resolutions: Annotated[
-            str, typer.Option("--resolutions", help="longer-side sizes, comma-separated; 'native' allowed")
+            str,
+            typer.Option(
+                "--resolutions",
+                help="longer-side sizes, comma-separated; 'native' allowed; sqN squashes to N x N "
+                "(aspect ratio lost, as a plain ViT's resize)",
+            ),
         ] = "64,128,224,384,native",
         json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
         plot: Annotated[

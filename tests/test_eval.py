@@ -80,3 +80,27 @@ def test_target_grid_caps_tokens_and_keeps_aspect():
     gh, gw = target_grid(3000, 1000, None, 16, 64)
     assert gh * gw <= 64 and gh > gw
     assert target_grid(5, 5, 8, 16, 64) == (1, 1)
+
+
+def test_square_resolution_squashes_every_image_to_the_same_grid(tmp_path):
+    """sqN: every image becomes N x N pixels whatever its aspect ratio (a plain ViT's resize);
+    a longer-side size keeps the aspect ratio, so the same images get different grids."""
+    import numpy as np
+    from train_fixtures import write_image_folder
+
+    from model import NaViT, NaViTConfig
+    from trainer.evaluate import Square, evaluate_folder, square_grid
+
+    assert parse_resolutions("64,sq32,native") == [64, Square(32), None]
+    assert str(Square(32)) == "sq32"
+    with pytest.raises(NavitError, match="'sq0'"):
+        parse_resolutions("sq0")
+    assert square_grid(32, 16, 1024) == (2, 2)
+    assert square_grid(1000, 16, 64) == (8, 8)  # capped at the token budget
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(16, 64), (64, 16), (40, 40)]]
+    folder = write_image_folder(tmp_path / "val", images, [0, 1, 2])
+    net = NaViT(NaViTConfig(patch_size=8, dim=16, depth=1, heads=1, num_classes=4)).eval()
+    sq, keep = evaluate_folder(net, folder, [Square(32), 32], patch=8, seq_len=64, device=torch.device("cpu"))
+    assert (sq.resolution, sq.images, sq.tokens_per_image) == ("sq32", 3, 16.0)  # 4 x 4 grids
+    assert keep.resolution == "32" and keep.tokens_per_image == (4 * 1 + 1 * 4 + 4 * 4) / 3

@@ -3,7 +3,8 @@
 NaViT's point is one model for any resolution at inference, so the same checkpoint is evaluated on a
 labeled image folder resized so that the longer side is each requested resolution (aspect ratio
 kept, rounded to whole patches, capped at the training ``seq_len`` tokens per image), or at the
-images' native size (``native``, capped the same way). Images are decoded in-process with the
+images' native size (``native``, capped the same way), or squashed to a square (``sqN``: N x N
+pixels, aspect ratio lost, as a plain ViT's resize). Images are decoded in-process with the
 packer's decoder (Pillow-SIMD, EXIF orientation, any mode → RGB) and packed next-fit into rows of the
 training ``seq_len``; no Ray. A shard set is evaluated as packed (its resolution is the pack's).
 """
@@ -89,6 +90,24 @@ def pack_rows(
 
 def packed_to_rows(p: schema.PackedRows) -> Rows:
     return Rows(p.patches, p.segment_ids, p.pos_h, p.pos_w, p.labels, p.grid_h, p.grid_w)
+
+
+@dataclass(frozen=True)
+class Square:
+    """An eval resolution that squashes every image to ``side`` x ``side`` pixels, aspect ratio NOT
+    kept — what a plain ViT's resize does (``sq64`` on the command line). Shows what a model loses
+    when its inputs are squashed (e.g. ``navit synth --task aspect``, whose classes depend on it)."""
+
+    side: int
+
+    def __str__(self) -> str:
+        return f"sq{self.side}"
+
+
+def square_grid(side: int, patch: int, max_tokens: int) -> tuple[int, int]:
+    """(g, g): ``side`` px in whole patches, at least one, at most ``max_tokens`` patches."""
+    g = min(max(1, round(side / patch)), math.isqrt(max_tokens))
+    return g, g
 
 
 def target_grid(h: int, w: int, resolution: int | None, patch: int, max_tokens: int) -> tuple[int, int]:
@@ -210,17 +229,21 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.M
     return net.to(device).eval(), {**ck.meta, "path": str(ck.path)}
 
 
-def parse_resolutions(spec: str) -> list[int | None]:
-    """'64,128,native' → [64, 128, None]."""
-    out: list[int | None] = []
+def parse_resolutions(spec: str) -> list[int | Square | None]:
+    """'64,128,native,sq64' → [64, 128, None, Square(64)]."""
+    out: list[int | Square | None] = []
     for part in spec.split(","):
         part = part.strip().lower()
         if part == "native":
             out.append(None)
         elif part.isdigit() and int(part) > 0:
             out.append(int(part))
+        elif part.startswith("sq") and part[2:].isdigit() and int(part[2:]) > 0:
+            out.append(Square(int(part[2:])))
         else:
-            raise NavitError(f"--resolutions: {part!r} is not a positive integer or 'native'")
+            raise NavitError(
+                f"--resolutions: {part!r} is not a positive integer, 'native' or sqN (squashed to N x N)"
+            )
     if not out:
         raise NavitError("--resolutions: give at least one resolution")
     return out
@@ -243,7 +266,7 @@ def _batched(rows: Rows, batch_rows: int) -> Iterator[Rows]:
 def evaluate_folder(
     net: torch.nn.Module,
     root: str | Path,
-    resolutions: list[int | None],
+    resolutions: list[int | Square | None],
     *,
     patch: int,
     seq_len: int,
@@ -266,7 +289,11 @@ def evaluate_folder(
         skipped += sum(img is None for img, _ in decoded)
         good = [(img, lab) for img, lab in decoded if img is not None]
         for acc, res in zip(accs, resolutions, strict=True):
-            imgs = [_resize(img, *target_grid(*img.shape[:2], res, patch, seq_len), patch) for img, _ in good]
+            if isinstance(res, Square):
+                grids = [square_grid(res.side, patch, seq_len)] * len(good)
+            else:
+                grids = [target_grid(*img.shape[:2], res, patch, seq_len) for img, _ in good]
+            imgs = [_resize(img, *g, patch) for (img, _), g in zip(good, grids, strict=True)]
             packed = packed_to_rows(pack_rows(imgs, [lab for _, lab in good], patch, seq_len))
             for rows in _batched(packed, batch_rows):
                 acc.add(net, rows, device)
