@@ -10,12 +10,13 @@ out = net(batch)  # out.embeddings (N, dim), out.logits (N, num_classes), images
 """
 
 from model.attention import BACKENDS, bucket_length
-from model.navit import NaViT, NaViTConfig, NaViTOutput
+from model.navit import LEGACY_DEFAULTS, NaViT, NaViTConfig, NaViTOutput
 from model.packing import image_index, num_images, pack_images, patchify
 from model.posemb import POSEMB_KINDS, FactorizedPosEmb
 
 __all__ = [
     "BACKENDS",
+    "LEGACY_DEFAULTS",
     "POSEMB_KINDS",
     "FactorizedPosEmb",
     "NaViT",

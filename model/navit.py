@@ -27,6 +27,7 @@ from torch import nn
 from model.attention import BACKENDS, Layout, build_layout, resolve_backend
 from model.posemb import POSEMB_KINDS, FactorizedPosEmb
 
+INITS = ("trunc_normal", "xavier", "torch")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -52,9 +53,12 @@ class NaViTConfig:
     num_classes: int = 1000  # 0 = no classifier (out.logits is None)
     posemb: str = "learned"  # learned | sincos | fourier | absolute
     posemb_buckets: int = 64  # fractional-coordinate buckets per axis ('learned')
+    posemb_std: float = 0.02  # init std of each axis' table ('learned', 'absolute')
     max_grid: int = 64  # reference grid size ('sincos', 'fourier') / table size ('absolute')
     qk_norm: bool = False  # LayerNorm on per-head queries and keys
     pool: str = "attn"  # attn (one learned probe per image) | mean
+    patch_norm: bool = False  # LayerNorm over each patch's p*p*C normalised pixels before the embedding
+    init: str = "trunc_normal"  # linear layers: trunc_normal (std 0.02) | xavier | torch (PyTorch default)
     attention: str = "auto"  # auto | dense | segment | flex | varlen
     segment_buckets: int = 2  # segment backend: pad lengths to s steps/octave (0 = exact lengths)
     dropout: float = 0.0  # after attention/MLP projections
@@ -78,11 +82,13 @@ class NaViTConfig:
             (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
             (self.posemb in POSEMB_KINDS, f"posemb must be one of {POSEMB_KINDS}, got {self.posemb!r}"),
             (self.posemb_buckets >= 1 and self.max_grid >= 1, "posemb_buckets and max_grid must be >= 1"),
+            (self.posemb_std >= 0, f"posemb_std must be >= 0, got {self.posemb_std}"),
             (
                 self.posemb not in ("sincos", "fourier") or self.dim % 4 == 0,
                 f"posemb={self.posemb!r} needs dim divisible by 4, got {self.dim}",
             ),
             (self.pool in ("attn", "mean"), f"pool must be 'attn' or 'mean', got {self.pool!r}"),
+            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
             (self.attention in BACKENDS, f"attention must be one of {BACKENDS}, got {self.attention!r}"),
             (self.segment_buckets >= 0, f"segment_buckets must be >= 0, got {self.segment_buckets}"),
             (0 <= self.dropout < 1 and 0 <= self.drop_path < 1, "dropout and drop_path must be in [0, 1)"),
@@ -98,10 +104,13 @@ class NaViTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> NaViTConfig:
-        """``tiny`` / ``small`` / ``base`` / ``large`` (ViT-Ti/S/B/L) with any field overridden."""
+        """``tiny`` / ``small`` / ``base`` / ``large`` (ViT-Ti/S/B/L) with any field overridden;
+        fields not given take today's defaults."""
         if name not in _PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {sorted(_PRESETS)}")
-        return cls.from_dict({**_PRESETS[name], **overrides})
+        fields = {**_PRESETS[name], **overrides}
+        cls._check_known(fields)
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -109,11 +118,18 @@ class NaViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NaViTConfig:
+        """The config a stored dict (a checkpoint's ``model_config``) describes. A field the dict
+        lacks was written before that field existed, so it takes the value that reproduces the old
+        behaviour (:data:`LEGACY_DEFAULTS`), not today's default."""
+        cls._check_known(d)
+        return cls(**{**LEGACY_DEFAULTS, **d})
+
+    @classmethod
+    def _check_known(cls, d: dict[str, Any]) -> None:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown NaViTConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
     @property
     def head_dim(self) -> int:
@@ -122,6 +138,17 @@ class NaViTConfig:
     @property
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * self.channels
+
+
+# Values that reproduce the model as it was before a field existed (or before its default changed):
+# from_dict fills them in for stored configs that lack the field, so old checkpoints keep loading
+# with their old behaviour. Every new field, and every field whose default changes, gets an entry.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "patch_norm": False,  # added in issue 11
+    "init": "trunc_normal",  # added in issue 11
+    "posemb_std": 0.02,  # added in issue 11
+    "pool": "attn",
+}
 
 
 @dataclass
@@ -248,14 +275,18 @@ class NaViT(nn.Module):
         std = torch.tensor(cfg.pixel_std).repeat(cfg.patch_size * cfg.patch_size) * 255.0
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_inv_std", 1.0 / std, persistent=False)
+        self.patch_norm = nn.LayerNorm(cfg.patch_dim, eps=cfg.norm_eps) if cfg.patch_norm else None
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
-        self.pos_embed = FactorizedPosEmb(cfg.posemb, cfg.dim, cfg.posemb_buckets, cfg.max_grid)
+        self.pos_embed = FactorizedPosEmb(
+            cfg.posemb, cfg.dim, cfg.posemb_buckets, cfg.max_grid, init_std=cfg.posemb_std
+        )
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.pool = AttentionPool(cfg) if cfg.pool == "attn" else None
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else None
-        self.apply(_init_weights)
+        if cfg.init != "torch":
+            self.apply(_init_xavier if cfg.init == "xavier" else _init_weights)
         if self.pool is not None:
             nn.init.normal_(self.pool.probe, std=0.02)
 
@@ -281,6 +312,8 @@ class NaViT(nn.Module):
                 image_ids[lay.token_index] = lay.image_of_token
                 image_ids = image_ids.view(b, length)
         x = (patches.float() - self.pixel_mean) * self.pixel_inv_std  # (..., P) normalised
+        if self.patch_norm is not None:
+            x = self.patch_norm(x)
         x = self.patch_embed(x) + self.pos_embed(pos_hw, grid_hw)  # (T, D) or (B, L, D)
         for blk in self.blocks:
             x = blk(x, lay, image_ids)
@@ -301,5 +334,12 @@ def _init_weights(m: nn.Module) -> None:
     # ViT recipe: truncated-normal linears, zero biases; LayerNorm stays (1, 0).
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _init_xavier(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
             nn.init.zeros_(m.bias)

@@ -44,11 +44,12 @@ def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class FactorizedPosEmb(nn.Module):
     """``forward(pos_hw, grid_hw) -> (..., dim)`` for integer ``pos_hw``/``grid_hw`` of shape (..., 2)."""
 
-    def __init__(self, kind: str, dim: int, buckets: int, max_grid: int) -> None:
+    def __init__(self, kind: str, dim: int, buckets: int, max_grid: int, init_std: float = 0.02) -> None:
         super().__init__()
         if kind not in POSEMB_KINDS:
             raise ValueError(f"posemb must be one of {POSEMB_KINDS}, got {kind!r}")
         self.kind, self.dim, self.buckets, self.max_grid = kind, dim, buckets, max_grid
+        self.init_std = init_std  # std of the 'learned'/'absolute' tables at initialisation
         if kind == "learned":
             self.table_y = nn.Parameter(torch.empty(buckets, dim))  # (buckets, D)
             self.table_x = nn.Parameter(torch.empty(buckets, dim))
@@ -69,8 +70,8 @@ class FactorizedPosEmb(nn.Module):
 
     def reset_parameters(self) -> None:
         if self.kind in ("learned", "absolute"):
-            nn.init.normal_(self.table_y, std=0.02)
-            nn.init.normal_(self.table_x, std=0.02)
+            nn.init.normal_(self.table_y, std=self.init_std)
+            nn.init.normal_(self.table_x, std=self.init_std)
         elif self.kind == "fourier":
             # Frequencies in cycles per image: spread up to ~max_grid/2 (the Nyquist rate of the
             # reference grid) so that initially both coarse and patch-level positions are separable.

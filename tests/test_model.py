@@ -116,6 +116,8 @@ def embed_alone(net: NaViT, imgs: list[np.ndarray], seq_len: int) -> torch.Tenso
         {"attention": "segment", "segment_buckets": 0},
         {"attention": "segment", "pool": "mean", "qk_norm": True, "posemb": "sincos"},
         {"attention": "dense", "posemb": "fourier", "qk_norm": True},
+        {"attention": "segment", "patch_norm": True, "pool": "attn", "init": "trunc_normal"},
+        {"attention": "dense", "patch_norm": True, "pool": "mean", "init": "torch"},
     ],
 )
 def test_embedding_same_alone_or_packed_any_offset_and_order(kw):
@@ -379,9 +381,46 @@ def test_config_round_trip_and_errors():
         {"pool": "cls"},
         {"attention": "magic"},
         {"pixel_std": (1, 1)},
+        {"init": "kaiming"},
+        {"posemb_std": -1.0},
     ):
         with pytest.raises(ValueError):
             NaViTConfig.preset("tiny", **bad)
+
+
+def test_patch_norm_normalises_each_patch_before_the_embedding():
+    # With patch_norm, a patch's brightness offset and contrast do not reach the embedding
+    # (LayerNorm over its p*p*C pixels); without it they do.
+    rng = np.random.default_rng(3)
+    img = rng.integers(40, 120, (2 * P, 3 * P, 3)).astype(np.float32)
+    brighter = np.clip(img * 1.5 + 30, 0, 255)  # every pixel moved: per-patch affine change
+    batch = pack_images([img.astype(np.uint8), brighter.astype(np.uint8)], P, seq_len=12)
+    batch["patches"] = torch.cat(
+        [
+            torch.from_numpy(x.reshape(2, P, 3, P, 3).transpose(0, 2, 1, 3, 4).reshape(1, 6, -1))
+            for x in (img, brighter)
+        ],
+        dim=1,
+    )  # exact float pixels (no uint8 rounding), so the two images differ by an exact affine map
+    for patch_norm, same in ((True, True), (False, False)):
+        # Same constants for every channel, so the change stays one affine map after normalising.
+        net = make_net(patch_norm=patch_norm, pool="mean", pixel_mean=(0.4,) * 3, pixel_std=(0.3,) * 3)
+        assert (net.patch_norm is not None) is patch_norm
+        with torch.no_grad():
+            a, b = net(batch).embeddings
+        assert (rel(a, b) <= 1e-4) is same, (patch_norm, rel(a, b))
+
+
+def test_init_schemes_set_linear_weights():
+    stds = {}
+    for init in ("trunc_normal", "xavier", "torch"):
+        net = make_net(init=init)
+        w = net.blocks[0].mlp.fc1.weight  # (4*64, 64)
+        stds[init] = float(w.std())
+        assert bool((net.blocks[0].mlp.fc1.bias == 0).all()) is (init != "torch")
+    assert abs(stds["trunc_normal"] - 0.02) < 0.003
+    assert abs(stds["xavier"] - (2 / (64 + 256)) ** 0.5) < 0.01  # Glorot: sqrt(2 / (fan_in + fan_out))
+    assert abs(stds["torch"] - (1 / (3 * 64)) ** 0.5) < 0.01  # Kaiming-uniform(a=sqrt 5): 1/sqrt(3 fan_in)
 
 
 def test_uint8_and_float_patches_agree():
