@@ -2,7 +2,7 @@
 
 A small-data regime where a tiny NaViT overfits: the procedurally generated 10-class glyph digits
 (benchmarks/glyphs.py, 28x28 grey, saved as PNG), N training images, a disjoint held-out set. Each
-variant goes through the real path — `navit pack` (packer.pipeline, embedded Ray) with or without
+variant goes through the real path — `navit pack` (packer.build.pipeline, embedded Ray) with or without
 pack-time crop (and a fresh crop every pack epoch), then `navit train` (trainer.loop) with or without
 token-level mixup/cutmix — and is scored by `navit eval`'s evaluate_folder on the held-out folder at
 native resolution (and on the training folder, to show the memorisation gap). No flips: digits are
@@ -72,8 +72,8 @@ def main() -> None:
     import torch
     from glyphs import glyph_digits
 
+    from packer.build.pipeline import pack
     from packer.config import PackConfig
-    from packer.pipeline import pack
     from trainer.config import load_train_config
     from trainer.data import open_source
     from trainer.evaluate import evaluate_folder, load_model

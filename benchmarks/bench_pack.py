@@ -5,7 +5,7 @@ temp dir (nothing committed), then measures, at target longer side 256 and 512 (
 
   (i)   full-decode floor: a bare loop of ``Image.open(f).convert("RGB")``;
   (ii)  a bare loop of navit's per-image work without Ray: read, draft, decode, resize, patchify
-        (``packer.decode.load_resized`` + ``patchify``), one core; and the same loop plus navit's
+        (``packer.build.decode.load_resized`` + ``patchify``), one core; and the same loop plus navit's
         layout, Parquet serialisation, sha256 and atomic write, still without Ray (to split the
         overhead of (iii) into writing and Ray);
   (iii) the pack pipeline (Ray Data, one task per shard, Parquet serialisation, atomic writes) with
@@ -38,9 +38,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from packer import decode  # noqa: E402
+from packer.build import decode  # noqa: E402
 from packer.config import PackConfig  # noqa: E402
-from packer.plan_types import Plan  # noqa: E402
+from packer.plan.types import Plan  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gcompris-cc0"
 P = 16
@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
-    from packer.pipeline import pack
+    from packer.build.pipeline import pack
     from packer.ray_runtime import ensure_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="navit-bench-pack-"))
@@ -190,7 +190,7 @@ def main() -> None:
                 decode.patchify(decode.load_resized(str(f), int(gh), int(gw), P, cfg0.decode), P)
 
         from packer import schema
-        from packer.layout import build_shard_bytes, shard_tasks
+        from packer.build.layout import build_shard_bytes, shard_tasks
 
         def loop_write(plan: Plan, out: Path) -> None:
             """(ii) plus navit's layout, Parquet serialisation, sha256 and atomic write — no Ray."""

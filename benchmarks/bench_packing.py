@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from packer.binpack import exact_fill, lower_bound, lp_bound, pack, pack_stats  # noqa: E402
+from packer.plan.binpack import exact_fill, lower_bound, lp_bound, pack, pack_stats  # noqa: E402
 
 PATCH = 16
 # (width:height, weight): landscape photo/video ratios, square, and their portrait versions.

@@ -12,10 +12,10 @@ import time
 import numpy as np
 
 from packer.config import PackConfig
-from packer.headers import Headers
-from packer.plan import Scan, make_plan, scan_source
-from packer.sampling import sample_sizes
-from packer.sources import Listing
+from packer.plan.headers import Headers
+from packer.plan.planner import Scan, make_plan, scan_source
+from packer.plan.sampling import sample_sizes
+from packer.plan.sources import Listing
 
 
 def simulated_scan(n: int, seed: int = 0) -> Scan:

@@ -24,7 +24,7 @@ def inspect(
 ) -> None:
     """Rebuild the images of packed row N from their patches (dropped tokens in magenta) with label,
     grid and kept/full tokens, above the row's segment layout. Without --out, print a summary."""
-    from packer.row_view import read_row, render_row_png, summarize_row
+    from packer.analysis.row_view import read_row, render_row_png, summarize_row
 
     if out is not None and out.suffix.lower() != ".png":
         raise NavitError(f"--out {out}: expected a .png file name")

@@ -1,4 +1,4 @@
-"""`navit pack`: plan, then decode/pack/write verifiable shards with Ray Data (see packer.pipeline)."""
+"""`navit pack`: plan, then decode/pack/write verifiable shards with Ray Data (see packer.build.pipeline)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class _Reporter:
         self._bar: Any = None
         self._task: Any = None
 
-    # packer.pipeline.Progress protocol -------------------------------------------------------------
+    # packer.build.pipeline.Progress protocol -------------------------------------------------------------
     def epoch_planned(self, epoch: int, epochs: int, plan: Any, n_shards: int, reused: int) -> None:
         if epoch == 0:
             self.t0 = time.perf_counter()  # rates and ETA count from the first shard task, not planning
@@ -204,7 +204,7 @@ def pack(
 ) -> None:
     """Decode, resize, patchify and pack SOURCE into fixed-length sequences, written as verifiable
     Parquet shards plus index.json, images.parquet and rejected.jsonl (see docs/pack.md)."""
-    from packer.pipeline import pack as run_pack
+    from packer.build.pipeline import pack as run_pack
 
     if workers is not None and workers < 1:
         raise NavitError(f"--workers must be >= 1 (got {workers})")

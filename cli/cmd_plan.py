@@ -85,8 +85,8 @@ def plan(
 ) -> None:
     """Plan how SOURCE packs into fixed-length sequences and report padding, the lower bound and the
     distributions. Headers are scanned once; each --seq-len is then planned and reported."""
-    from packer.plan import make_plan, scan_source
-    from packer.report import plan_report, render_table, render_text
+    from packer.analysis.report import plan_report, render_table, render_text
+    from packer.plan.planner import make_plan, scan_source
 
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: must be >= 1 (got {workers})")

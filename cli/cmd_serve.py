@@ -86,8 +86,8 @@ def register(app: typer.Typer) -> None:
         if source is None:
             raise ConfigError("give a pack DIR or an image SOURCE to serve (or --status)")
 
-        from packer.flight_server import make_server
-        from packer.serve import LiveSource, ShardSetSource
+        from packer.serve.epochs import LiveSource, ShardSetSource
+        from packer.serve.flight import make_server
 
         if _is_pack_dir(source):
             src = ShardSetSource(source, verify=verify)

@@ -25,7 +25,7 @@ def stats(
     """Sequences, tokens, padding, lower bound, per-image distributions, labels, rejections and a
     cross-check of index.json against the shards, read from metadata only (never the pixels).
     Exits 1 with a WARNING when index.json or images.parquet disagree with the shards."""
-    from packer.stats import build_report, load_pack, render_comparison, render_text
+    from packer.analysis.stats import build_report, load_pack, render_comparison, render_text
 
     if not dirs:
         raise NavitError("give at least one pack directory")
@@ -43,7 +43,7 @@ def stats(
     else:
         typer.echo(render_comparison(reports))
     if plot is not None:
-        from packer.plots import plot_stats
+        from packer.analysis.plots import plot_stats
 
         try:
             plot_stats(packs, reports, plot)

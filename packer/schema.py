@@ -117,7 +117,7 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("row", pa.int32()),
         pa.field("segment", pa.int32()),  # 1-based, as in segment_ids
         pa.field("rejected_reason", pa.string()),  # null if packed
-        # Pack-time augmentation (packer.augment): the crop box in upright (EXIF-oriented) source
+        # Pack-time augmentation (packer.plan.augment): the crop box in upright (EXIF-oriented) source
         # pixels, columns crop_x0 <= x < crop_x1, rows crop_y0 <= y < crop_y1 (the whole image when
         # not augmenting; -1 if rejected before planning), and whether the resized crop was mirrored
         # left-right. Packs written before these columns existed lack them: see read_images.

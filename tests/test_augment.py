@@ -1,4 +1,4 @@
-"""Augmentation: pack-time crop + flip (packer.augment, decode, images.parquet, inspect) and
+"""Augmentation: pack-time crop + flip (packer.plan.augment, decode, images.parquet, inspect) and
 train-time mixup / cutmix (trainer.mixup).
 
 Pack-time draws must respect their configured ranges, be pure functions of (seed, epoch, key), give
@@ -16,10 +16,11 @@ import pytest
 from fixtures_images import EXIF_ORIENTATION, exif_rotated_jpeg, smooth_rgb
 from PIL import Image, ImageOps
 
-from packer import decode, schema
-from packer.augment import sample_crops
+from packer import schema
+from packer.build import decode
 from packer.config import DecodeConfig, PackConfig, parse_crop
 from packer.errors import ConfigError
+from packer.plan.augment import sample_crops
 
 AUG = {"crop_scale": (0.3, 0.9), "crop_ratio": (0.6, 1.5), "hflip": 0.5}
 
@@ -130,7 +131,7 @@ def test_config_validation_and_crop_spec():
 
 def test_plan_sizes_the_crop_not_the_image(tmp_path):
     """The planned grid follows the crop's aspect ratio (the planner draws the crop first)."""
-    from packer.plan import make_plan, scan_source
+    from packer.plan.planner import make_plan, scan_source
 
     root = tmp_path / "src" / "a"
     root.mkdir(parents=True)
@@ -258,7 +259,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def aug_packs(tmp_path_factory, ray_session):
-    from packer.pipeline import pack
+    from packer.build.pipeline import pack
 
     src = _png_folder(tmp_path_factory.mktemp("augsrc"))
     cfg = _cfg(AUG)
@@ -313,7 +314,7 @@ def test_rebuild_from_record_equals_shard_patches(aug_packs):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_inspect_shows_crop_and_flip(aug_packs):
-    from packer.row_view import read_row, summarize_row
+    from packer.analysis.row_view import read_row, summarize_row
 
     _, _, (out, _) = aug_packs
     view = read_row(str(out), 0)

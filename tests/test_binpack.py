@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packer.binpack import ALGORITHMS, exact_fill, lower_bound, lp_bound, pack, pack_stats
-from packer.binpack_bfd import bfd_reference
-from packer.binpack_lp import solve_cutting_stock
+from packer.plan.binpack import ALGORITHMS, exact_fill, lower_bound, lp_bound, pack, pack_stats
+from packer.plan.binpack_bfd import bfd_reference
+from packer.plan.binpack_lp import solve_cutting_stock
 
 FAST = settings(max_examples=60, deadline=None)
 

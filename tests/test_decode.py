@@ -1,4 +1,4 @@
-"""packer.decode: every mode to RGB, EXIF orientation, JPEG draft scale, bombs and bad files."""
+"""packer.build.decode: every mode to RGB, EXIF orientation, JPEG draft scale, bombs and bad files."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from fixtures_images import bad_files, encode, exif_rotated_jpeg, mode_zoo, smooth_rgb
 from PIL import Image
 
-from packer import decode
+from packer.build import decode
+from packer.build.decode import DecodeError, decode_rgb, load_resized, patchify, read_bytes, select_tokens
 from packer.config import DecodeConfig
-from packer.decode import DecodeError, decode_rgb, load_resized, patchify, read_bytes, select_tokens
 
 CFG = DecodeConfig()
 ZOO = mode_zoo()

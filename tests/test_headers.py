@@ -9,7 +9,7 @@ import pytest
 from fixtures_images import bad_files, encode, exif_rotated_jpeg, mode_zoo, smooth_rgb, write_files
 from PIL import Image, ImageFile
 
-from packer.headers import scan_headers, scan_headers_local
+from packer.plan.headers import scan_headers, scan_headers_local
 
 MAX_PIXELS = 89_478_485
 
@@ -69,12 +69,12 @@ def test_pixel_limit_comes_from_the_config(tmp_path: Path) -> None:
 
 
 def test_webp_not_compiled_in_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import packer.decode
+    import packer.build.decode
 
     data = b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 40
     files = write_files(tmp_path, {"x.webp": data})
-    real = packer.decode.features.check
-    monkeypatch.setattr(packer.decode.features, "check", lambda f: False if f == "webp" else real(f))
+    real = packer.build.decode.features.check
+    monkeypatch.setattr(packer.build.decode.features, "check", lambda f: False if f == "webp" else real(f))
     assert _scan([files["x.webp"]]).reason == ["WebP support not compiled in"]
 
 

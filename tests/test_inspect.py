@@ -11,8 +11,8 @@ from packfixture import FixImage, random_image, write_pack
 from typer.testing import CliRunner
 
 from cli.main import app
+from packer.analysis.row_view import DPI, DROPPED_RGB, figure_size, read_row, reconstruct_row
 from packer.errors import DataError
-from packer.row_view import DPI, DROPPED_RGB, figure_size, read_row, reconstruct_row
 
 SEQ_LEN, P = 20, 3
 CLASSES = ["cat", "dog"]

@@ -1,5 +1,5 @@
-"""`navit pack` (packer.pipeline / packer.layout): round trip, schema, accounting, determinism across
-worker counts, resume, refusal, multi-epoch layout and live mode.
+"""`navit pack` (packer.build.pipeline / packer.build.layout): round trip, schema, accounting,
+determinism across worker counts, resume, refusal, multi-epoch layout and live mode.
 
 Plans are built by hand here (``hand_plan``: header sizes, a fixed target side, seeded drops, next-fit)
 so these tests exercise the pipeline on its own; the real planner is covered by its own tests and by
@@ -18,11 +18,12 @@ import pytest
 from fixtures_images import messy_image_folder
 from PIL import Image, ImageOps
 
-from packer import decode, schema
+from packer import schema
+from packer.build import decode
+from packer.build.pipeline import pack, stream_epoch
 from packer.config import PackConfig
 from packer.errors import NavitError
-from packer.pipeline import pack, stream_epoch
-from packer.plan_types import Plan, Rejection
+from packer.plan.types import Plan, Rejection
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts Ray and its workers (10-30 s on 2 busy cores)
 
@@ -380,7 +381,7 @@ def test_cli_pack_with_the_real_planner(tmp_path, ray_session):
 def test_live_row_range_and_epoch_rows(src, packed):
     """stream_epoch(start_row, stop_row) gives exactly those rows of the written epoch, building only
     the shards that overlap; epoch_rows is the epoch's row count."""
-    from packer.pipeline import epoch_rows
+    from packer.build.pipeline import epoch_rows
 
     out, _ = packed
     cfg = make_cfg()

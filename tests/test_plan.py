@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from fixtures_images import messy_image_folder
 
-from packer import binpack
+from packer.analysis.report import plan_report, render_table, render_text
 from packer.config import PackConfig
 from packer.errors import NavitError
-from packer.plan import make_plan, pack_partitioned, plan_source, scan_source
-from packer.plan_types import Plan
-from packer.report import plan_report, render_table, render_text
+from packer.plan import binpack
+from packer.plan.planner import make_plan, pack_partitioned, plan_source, scan_source
+from packer.plan.types import Plan
 
 ARRAYS = (
     "image_id",

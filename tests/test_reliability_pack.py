@@ -26,10 +26,10 @@ import pytest
 from fixtures_images import encode, smooth_rgb
 from PIL import Image
 
+from packer.build.decode import DecodeError, read_bytes
 from packer.config import PackConfig
-from packer.decode import DecodeError, read_bytes
-from packer.headers import scan_headers_local
-from packer.plan import make_plan, scan_source
+from packer.plan.headers import scan_headers_local
+from packer.plan.planner import make_plan, scan_source
 
 SEQ_LEN, P = 64, 16
 
@@ -125,7 +125,7 @@ BAD_FOLDER = b"caf\xe9/x.jpg"  # a Latin-1 class folder
 
 
 def _reference_key_hash(raw: bytes) -> int:
-    """FNV-1a over the bytes, then the splitmix64 finaliser of (hash ^ length): packer.sampling's
+    """FNV-1a over the bytes, then the splitmix64 finaliser of (hash ^ length): packer.plan.sampling's
     key hash, written out in plain Python."""
     mask = (1 << 64) - 1
     h = 0xCBF29CE484222325
@@ -148,7 +148,7 @@ def odd_names(tmp_path: Path) -> Path:
 
 
 def test_key_hash_of_an_undecodable_name_hashes_its_raw_bytes() -> None:
-    from packer.sampling import kept_token_indices, key_hash
+    from packer.plan.sampling import kept_token_indices, key_hash
 
     key = os.fsdecode(BAD_NAME)  # 'a/bad\udcff\udcfe.jpg'
     assert int(key_hash([key])[0]) == _reference_key_hash(BAD_NAME)
@@ -251,8 +251,8 @@ def locked_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_unreadable_subfolder_is_a_rejection_not_a_silent_skip(locked_tree: Path) -> None:
-    from packer.report import plan_report
-    from packer.sources import list_source
+    from packer.analysis.report import plan_report
+    from packer.plan.sources import list_source
 
     root = locked_tree
     lst = list_source(str(root))
@@ -274,7 +274,7 @@ def test_unreadable_subfolder_is_a_rejection_not_a_silent_skip(locked_tree: Path
 
 def test_unreadable_source_root_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from packer.errors import NavitError
-    from packer.sources import list_source
+    from packer.plan.sources import list_source
 
     _write(tmp_path / "src", "a/1.jpg", _jpeg(0))
     make_unlistable(monkeypatch, tmp_path / "src")
@@ -308,8 +308,8 @@ def test_pack_records_and_summarises_unreadable_folders(locked_tree: Path, tmp_p
 
 
 def test_missing_source_leaves_out_untouched_and_reusable(tmp_path: Path) -> None:
+    from packer.build.pipeline import STATE_FILE, pack, prepare_out_dir
     from packer.errors import NavitError
-    from packer.pipeline import STATE_FILE, pack, prepare_out_dir
 
     cfg = _cfg()
     out = tmp_path / "m1"
@@ -323,8 +323,8 @@ def test_missing_source_leaves_out_untouched_and_reusable(tmp_path: Path) -> Non
 
 def test_out_holding_only_the_state_of_a_run_that_built_nothing_is_free(tmp_path: Path) -> None:
     """A run killed while planning leaves state.json and no shard: any source may use the folder."""
+    from packer.build.pipeline import STATE_FILE, prepare_out_dir
     from packer.errors import NavitError
-    from packer.pipeline import STATE_FILE, prepare_out_dir
 
     cfg, out = _cfg(), tmp_path / "m1"
     prepare_out_dir(str(out), cfg, "/data/wrong", resume=False)
@@ -338,8 +338,8 @@ def test_out_holding_only_the_state_of_a_run_that_built_nothing_is_free(tmp_path
 
 @pytest.mark.ray
 def test_failed_planning_removes_the_state_it_wrote(tmp_path: Path, ray_session) -> None:
+    from packer.build.pipeline import pack
     from packer.errors import DataError
-    from packer.pipeline import pack
 
     _write(tmp_path / "src", "a/1.jpg", _jpeg(0))
     (tmp_path / "kept").mkdir()
@@ -391,7 +391,7 @@ def test_unwritable_out_folder_is_a_one_line_error(tmp_path: Path) -> None:
 
 def test_a_manifest_that_is_a_fifo_is_refused_not_opened(tmp_path: Path) -> None:
     from packer.errors import NavitError
-    from packer.sources import list_source
+    from packer.plan.sources import list_source
 
     os.mkfifo(tmp_path / "list.csv")
     with fifo_unblocker(tmp_path / "list.csv"), pytest.raises(NavitError) as e:

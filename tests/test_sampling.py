@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from packer.config import PackConfig
-from packer.sampling import (
+from packer.plan.sampling import (
     beta_ppf,
     fit_grid,
     kept_token_indices,
@@ -42,7 +42,7 @@ def test_key_hash_is_stable_across_processes_and_independent_of_batch() -> None:
     assert len(set(h.tolist())) == len(keys)
     for i, k in enumerate(keys):
         assert key_hash([k])[0] == h[i]  # no dependence on the other keys (padding width)
-    code = f"from packer.sampling import key_hash; print(key_hash({keys!r}).tolist())"
+    code = f"from packer.plan.sampling import key_hash; print(key_hash({keys!r}).tolist())"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

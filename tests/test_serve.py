@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from packer import schema
 from packer.errors import ConfigError, DataError, NavitError
-from packer.flight_server import make_server
-from packer.serve import ShardSetSource, rank_range
+from packer.serve.epochs import ShardSetSource, rank_range
+from packer.serve.flight import make_server
 from trainer.flight_client import FlightDataClient, flight_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -405,7 +405,7 @@ def test_live_epochs_equal_navit_pack_byte_for_byte(tmp_path, ray_session):
 
     from cli.common import pack_config_from_flags
     from cli.main import app
-    from packer.serve import LiveSource
+    from packer.serve.epochs import LiveSource
     from packer.synth import generate
 
     generate(tmp_path / "img", n=14, seed=3, threads=1)
@@ -535,7 +535,7 @@ def _epoch_action(srv, body: bytes) -> dict:
 
 
 def test_epoch_action_takes_integers_only_and_caps_world_size(server):
-    from packer.flight_server import MAX_WORLD_SIZE
+    from packer.serve.flight import MAX_WORLD_SIZE
 
     got = _epoch_action(server, b'{"epoch": 1, "world_size": 3}')
     assert got["rows"] == 22 and got["rank_rows"] == [7, 7, 8]
@@ -576,8 +576,8 @@ HOSTILE = {  # the probes of issue 12: refused by size before parsing
 def test_parse_errors_are_bad_tickets_whatever_the_size_limit(monkeypatch):
     """Deep nesting and over-long integers fail inside json.loads (RecursionError, ValueError): bad
     tickets too, should the size limit ever be raised."""
-    from packer import flight_server
-    from packer.flight_server import BadTicket, parse_ticket
+    from packer.serve import flight as flight_server
+    from packer.serve.flight import BadTicket, parse_ticket
 
     monkeypatch.setattr(flight_server, "MAX_REQUEST_BYTES", 10**7)
     for name in ("nested", "nested object", "4301-digit integer"):

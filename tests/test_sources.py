@@ -12,7 +12,7 @@ import pytest
 
 from packer.config import SourceConfig
 from packer.errors import NavitError
-from packer.sources import DUPLICATE_REASON, list_source
+from packer.plan.sources import DUPLICATE_REASON, list_source
 
 
 def _touch(root: Path, rel: str, data: bytes = b"x") -> Path:

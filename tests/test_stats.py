@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from packer import schema
-from packer.stats import build_report, compute_stats, load_pack
+from packer.analysis.stats import build_report, compute_stats, load_pack
 
 SEQ_LEN, P = 16, 2
 CLASSES = ["circle", "square", "stripes"]
@@ -252,7 +252,7 @@ def test_plot_png(tmp_path, pack):
     assert res.exit_code == 0, res.output
     from PIL import Image
 
-    from packer.plots import DPI, FIGSIZE
+    from packer.analysis.plots import DPI, FIGSIZE
 
     with Image.open(out) as im:
         assert im.size == (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))

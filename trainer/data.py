@@ -701,8 +701,8 @@ def live_source(
     pack whole shards; the rows come back as Arrow buffers. Training epoch ``e`` is pack epoch ``e``
     (fresh resolution and drop draws every epoch). Under DDP each rank builds every W-th shard of the
     same deterministic plan. Ray is imported here, never at import time."""
-    from packer import pipeline
-    from packer.layout import shard_tasks
+    from packer.build import pipeline
+    from packer.build.layout import shard_tasks
 
     plan0 = pipeline.plan_epoch(images, pack_config, 0, ray_address=ray_address, workers=workers)
     labels = np.asarray(getattr(plan0, "label", np.zeros(0)), dtype=np.int64)

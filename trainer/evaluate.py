@@ -159,7 +159,7 @@ def list_image_folder(root: str | Path, class_names: list[str] | None = None) ->
 
 def _decode(path: Path) -> np.ndarray | None:
     """Upright RGB (H, W, 3) uint8 with the packer's decoder; None for an undecodable file."""
-    from packer import decode
+    from packer.build import decode
     from packer.config import DecodeConfig
 
     try:
@@ -172,7 +172,7 @@ def _decode(path: Path) -> np.ndarray | None:
 def _resize(img: np.ndarray, gh: int, gw: int, patch: int) -> np.ndarray:
     from PIL import Image
 
-    from packer import decode
+    from packer.build import decode
 
     return decode.resize_exact(Image.fromarray(img), gw * patch, gh * patch)
 

@@ -1,8 +1,8 @@
 """`navit pack` and the live pipeline: execute a plan as a Ray Data job, one task per shard.
 
-Flow for each epoch: plan (:func:`packer.plan.plan_source`, no pixel decoded) → shard tasks
-(:func:`packer.layout.shard_tasks`) → ``ray.data.from_items(tasks).map_batches(batch_size=1)`` whose
-stateless UDF builds one whole shard (:func:`packer.layout.build_shard`) and either writes it (pack)
+Flow for each epoch: plan (:func:`packer.plan.planner.plan_source`, no pixel decoded) → shard tasks
+(:func:`packer.build.layout.shard_tasks`) → ``ray.data.from_items(tasks).map_batches(batch_size=1)`` whose
+stateless UDF builds one whole shard (:func:`packer.build.layout.build_shard`) and either writes it (pack)
 or returns its bytes (live) → small metadata streamed back to the driver with ``iter_rows``. No
 packing state lives in a UDF across batches: the plan already decided every row, which is what makes
 the output exact and identical whatever the number of workers.
@@ -40,9 +40,9 @@ import pyarrow.parquet as pq
 from packer import schema
 from packer.config import PackConfig
 from packer.errors import DataError, NavitError
-from packer.layout import ShardResult, build_shard_bytes, shard_tasks, task_digest
-from packer.plan_types import Plan
-from packer.sources import UNREADABLE_FOLDER, printable
+from packer.build.layout import ShardResult, build_shard_bytes, shard_tasks, task_digest
+from packer.plan.types import Plan
+from packer.plan.sources import UNREADABLE_FOLDER, printable
 
 STATE_DIR = ".navit-pack"
 STATE_FILE = f"{STATE_DIR}/state.json"
@@ -83,7 +83,7 @@ def plan_epoch(
     source: str, cfg: PackConfig, epoch: int, *, ray_address: str | None = None, workers: int | None = None
 ) -> Plan:
     """The plan of one epoch (header scan → sizes → drop → bins); deterministic in (source, cfg, epoch)."""
-    from packer.plan import plan_source
+    from packer.plan.planner import plan_source
 
     return plan_source(source, cfg, epoch=epoch, ray_address=ray_address, workers=workers)
 
@@ -417,7 +417,7 @@ def pack(
 
     A run that fails before any shard is on disk leaves OUT as it found it (its state file removed,
     the folder too if this run created it), so a wrong SOURCE never locks OUT."""
-    from packer.sources import check_source
+    from packer.plan.sources import check_source
 
     check_source(normalize_source(source))  # before OUT is touched
     fs, base = schema.resolve_fs(normalize_source(out))
@@ -506,7 +506,7 @@ def _pack(
     exec_seconds = 0.0
     scan = None
     if planner is None:
-        from packer.plan import scan_source
+        from packer.plan.planner import scan_source
 
         # Headers are read once; each epoch only re-draws sizes and drops (cheap, no I/O).
         scan = scan_source(source, cfg, ray_address=ray_address, workers=workers)
@@ -514,7 +514,7 @@ def _pack(
         if planner is not None:
             plan = planner(source, cfg, e)
         else:
-            from packer.plan import make_plan
+            from packer.plan.planner import make_plan
 
             plan = make_plan(scan, cfg, e)
         _check_plan(plan, cfg, e)

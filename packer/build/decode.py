@@ -10,11 +10,11 @@ test replays it):
 4. decode, then apply the EXIF orientation (the same transposes as ``ImageOps.exif_transpose``);
 5. convert any mode to RGB (alpha composited on ``decode.background``; 16-bit scaled, not clipped;
    first frame of animations);
-6. augmenting (:mod:`packer.augment`): cut the planned crop box out of the upright image;
+6. augmenting (:mod:`packer.plan.augment`): cut the planned crop box out of the upright image;
 7. antialiased resize (bicubic, ``reducing_gap``) to exactly (grid_w·p, grid_h·p); augmenting: mirror
    it left-right when the plan says so;
 8. patchify to uint8 tokens (n_full, p·p·3), each patch in (row, col, channel) order, and keep the
-   planned tokens (:func:`packer.sampling.kept_token_indices`).
+   planned tokens (:func:`packer.plan.sampling.kept_token_indices`).
 
 Every failure is a :class:`DecodeError` whose ``reason`` is one user-readable line; the pipeline
 records it as a rejection. Nothing here imports Ray.
@@ -370,10 +370,10 @@ def select_tokens(
 
 
 def kept_indices(seed: int, epoch: int, key: str, n_full: int, n_kept: int) -> np.ndarray:
-    """Which tokens of the row-major grid are kept: decided by packer.sampling from the seed."""
+    """Which tokens of the row-major grid are kept: decided by packer.plan.sampling from the seed."""
     if n_kept == n_full:  # nothing dropped: every index, sorted (no draw needed)
         return np.arange(n_full, dtype=np.int64)
-    from packer.sampling import kept_token_indices
+    from packer.plan.sampling import kept_token_indices
 
     keep = np.asarray(kept_token_indices(seed, epoch, key, n_full, n_kept), dtype=np.int64)
     if keep.shape != (n_kept,) or (n_kept and (keep[0] < 0 or keep[-1] >= n_full)):
@@ -392,7 +392,7 @@ def load_resized(
 ) -> np.ndarray:
     """Path/URI or bytes → the planned-size RGB image (grid_h·p, grid_w·p, 3) uint8. DecodeError.
 
-    Augmentation (packer.augment): ``crop`` (x0, y0, x1, y1 in upright source pixels) is cut out
+    Augmentation (packer.plan.augment): ``crop`` (x0, y0, x1, y1 in upright source pixels) is cut out
     before resizing, and ``hflip`` mirrors the resized image; PNG / non-draft sources give exactly
     ``flip(orient(img).crop(crop).resize(size, BICUBIC, reducing_gap=3))``."""
     data = read_bytes(source) if isinstance(source, str) else source

@@ -1,6 +1,6 @@
 """The Arrow Flight transport of `navit serve`: tickets, auth, TLS, backpressure and status.
 
-- ``do_get(ticket)`` streams one rank's partition of one epoch (see packer/serve.py for the
+- ``do_get(ticket)`` streams one rank's partition of one epoch (see packer/serve/epochs.py for the
   partition). The ticket is UTF-8 JSON ``{"epoch": E, "rank": R, "world_size": W, "start_row": S}``
   (``start_row`` optional, default 0, an offset inside the rank's rows).
 - Backpressure: the stream is a :class:`pyarrow.flight.GeneratorStream`; Flight pulls the next
@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from packer.errors import ConfigError, NavitError
-from packer.serve import EpochSource, rank_range
+from packer.serve.epochs import EpochSource, rank_range
 
 log = logging.getLogger("navit.serve")
 
@@ -239,7 +239,7 @@ class _TokenMiddlewareFactory(fl.ServerMiddlewareFactory):
 
 
 class NavitFlightServer(fl.FlightServerBase):
-    """Serves an :class:`~packer.serve.EpochSource` over Flight."""
+    """Serves an :class:`~packer.serve.epochs.EpochSource` over Flight."""
 
     def __init__(
         self,

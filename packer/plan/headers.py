@@ -3,7 +3,7 @@
 ``PIL.Image.open`` only parses the header; the EXIF orientation is read from the raw EXIF block the
 header parser already holds (``img.info['exif']``, or the TIFF tag), never through ``getexif()``,
 which for a PNG whose EXIF follows the pixel data would decode the whole image. Orientations 5-8 swap
-width and height. Rejection reasons use the same words as :mod:`packer.decode`, so a plan's and a
+width and height. Rejection reasons use the same words as :mod:`packer.build.decode`, so a plan's and a
 pack's rejection counts line up.
 
 Two entry points with identical results: :func:`scan_headers_local` (a plain loop; tests, tiny
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from packer.decode import EXIF_ORIENTATION, _one_line, _unsupported_format, unreadable_reason
+from packer.build.decode import EXIF_ORIENTATION, _one_line, _unsupported_format, unreadable_reason
 from packer.localfile import open_regular
 
 # Below this many files, starting embedded Ray (5-30 s) costs more than a local loop: measured ~0.4 ms

@@ -1,6 +1,6 @@
 """`navit stats --plot`: one multi-panel PNG of a pack's (or several packs') packing statistics.
 
-This module owns the figure only; the numbers come from :mod:`packer.stats`. matplotlib runs with
+This module owns the figure only; the numbers come from :mod:`packer.analysis.stats`. matplotlib runs with
 the Agg backend (no display needed) and is imported inside the function so importing this module
 is cheap. Several packs share each panel (one colour per pack, as numbered in the text table).
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.stats import PackData, drop_rate, native_and_sampled
+from packer.analysis.stats import PackData, drop_rate, native_and_sampled
 
 DPI = 100
 FIGSIZE = (18.0, 13.0)  # inches: 3 × 3 panels readable on a laptop screen at 100 dpi

@@ -1,10 +1,10 @@
 """Pack-time augmentation draws: a random-resized crop and a horizontal flip per image.
 
 Drawn at *plan* time from header sizes, like the resolution and token-drop draws of
-:mod:`packer.sampling` and from the same counter-based uniforms of ``(seed, epoch, image key)``, so
+:mod:`packer.plan.sampling` and from the same counter-based uniforms of ``(seed, epoch, image key)``, so
 the bin-packing plan already knows each crop's token count and shards stay byte-identical whatever
 the worker count. Resolution sampling then treats the crop as the image (its size and aspect ratio
-decide the patch grid); decoding (:mod:`packer.decode`) cuts the crop out of the upright source
+decide the patch grid); decoding (:mod:`packer.build.decode`) cuts the crop out of the upright source
 image, resizes it to the planned grid, and flips the result.
 
 The crop follows timm's NaFlex ``RandomResizedCropToSequence`` in spirit: its area is a fraction
@@ -14,7 +14,7 @@ seeing the aspect ratios of the data), ``log r`` uniform. A crop fits in the ima
 centre-crop fallback", ``(s, log r)`` is drawn *exactly* uniform on the part of the box
 ``[s_lo, s_hi] x [log r_lo, log r_hi]`` where the crop fits — the distribution those attempts sample
 when they succeed — in one pass: ``log r`` from its marginal (a tabulated inverse CDF, as in
-:mod:`packer.sampling`), then ``s`` uniform given ``r``. Both configured ranges always hold (up to
+:mod:`packer.plan.sampling`), then ``s`` uniform given ``r``. Both configured ranges always hold (up to
 rounding the box to whole pixels).
 """
 
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from packer.config import AugmentConfig, PackConfig
-from packer.sampling import key_hash, uniforms
+from packer.plan.sampling import key_hash, uniforms
 
-# Random streams of one image (counter values of packer.sampling's mixer; 1-4 are used there).
+# Random streams of one image (counter values of packer.plan.sampling's mixer; 1-4 are used there).
 STREAM_CROP_RATIO = 16
 STREAM_CROP_SCALE = 17
 STREAM_CROP_X = 18

@@ -1,6 +1,6 @@
 """Bin packing of images (known token lengths) into fixed-length sequences. Pure numpy, no I/O.
 
-Owns the planner's packing algorithms and bounds; :mod:`packer.plan` calls :func:`pack`, optionally
+Owns the planner's packing algorithms and bounds; :mod:`packer.plan.planner` calls :func:`pack`, optionally
 :func:`exact_fill`, and reports against :func:`lower_bound` / :func:`lp_bound`.
 
 Algorithms (``ALGORITHMS``), all capped at ``max_images`` images per sequence:
@@ -9,9 +9,9 @@ Algorithms (``ALGORITHMS``), all capped at ``max_images`` images per sequence:
   baseline (vit-pytorch's na_vit packs this way).
 * ``first-fit`` — arrival order, each image into the earliest sequence it fits (the NaViT paper's
   description); a max segment tree over sequences' remaining capacity answers "leftmost >= x".
-* ``bfd``       — best-fit decreasing (default); see :mod:`packer.binpack_bfd` for the
+* ``bfd``       — best-fit decreasing (default); see :mod:`packer.plan.binpack_bfd` for the
   capacity-keyed, length-grouped implementation.
-* ``histogram`` — cutting-stock LP over the length histogram (:mod:`packer.binpack_lp`), its
+* ``histogram`` — cutting-stock LP over the length histogram (:mod:`packer.plan.binpack_lp`), its
   patterns rounded down and filled with images, repeated on the residue, the rest best-fit.
   Near-optimal when many images exceed half a sequence (where BFD's greedy loses most).
 * ``stream``    — bounded look-ahead for a live pipeline: BFD over each window of
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from packer.binpack_bfd import bfd_groups
-from packer.binpack_lp import solve_cutting_stock
+from packer.plan.binpack_bfd import bfd_groups
+from packer.plan.binpack_lp import solve_cutting_stock
 
 ALGORITHMS = ("next-fit", "first-fit", "bfd", "histogram", "stream")
 
@@ -39,7 +39,7 @@ _HISTOGRAM_ROUNDS = 3
 
 @dataclass(frozen=True)
 class PackStats:
-    """Minimal summary of one packing (the full report lives in :mod:`packer.report`)."""
+    """Minimal summary of one packing (the full report lives in :mod:`packer.analysis.report`)."""
 
     sequences: int
     real_tokens: int

@@ -30,7 +30,7 @@ import numpy as np
 from packer.config import SourceConfig
 from packer.errors import NavitError
 from packer.localfile import file_kind
-from packer.plan_types import Rejection
+from packer.plan.types import Rejection
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 DUPLICATE_REASON = "duplicate path in manifest"

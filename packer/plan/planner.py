@@ -5,7 +5,7 @@
 in one call (what ``navit pack`` uses per epoch).
 
 Every input ends up either in the plan or in ``plan.rejected`` (``images_in == planned + rejected``).
-Plan positions follow image_id order; sequences come from :func:`packer.binpack.pack`. Sets larger
+Plan positions follow image_id order; sequences come from :func:`packer.plan.binpack.pack`. Sets larger
 than ``packing.partition_size`` are packed per contiguous image_id range — in parallel Ray tasks when
 Ray is already up, else in turn — and concatenated: the plan does not depend on how partitions ran.
 """
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from packer import binpack
-from packer.augment import sample_crops
 from packer.config import PackConfig
-from packer.headers import Headers, scan_headers
-from packer.plan_types import Plan, Rejection
-from packer.sampling import sample_sizes
-from packer.sources import Listing, list_source
+from packer.plan import binpack
+from packer.plan.augment import sample_crops
+from packer.plan.headers import Headers, scan_headers
+from packer.plan.sampling import sample_sizes
+from packer.plan.sources import Listing, list_source
+from packer.plan.types import Plan, Rejection
 
 
 @dataclass

@@ -13,7 +13,7 @@ at most one row; rank k gets rows ``[k·N // W, (k+1)·N // W)``. Ranges are dis
 the epoch, and contiguity lets each rank read only its own row groups. ``start_row`` is an offset
 inside the rank's range.
 
-The Flight transport itself (auth, status, backpressure) lives in packer/flight_server.py.
+The Flight transport itself (auth, status, backpressure) lives in packer/serve/flight.py.
 This module imports neither Ray nor torch at import time.
 """
 
@@ -202,7 +202,7 @@ class ShardSetSource:
 class LiveSource:
     """Serves the live packing pipeline over a raw image source; nothing is written to disk.
 
-    Rows come from :func:`packer.pipeline.stream_epoch` restricted to each rank's range (only the
+    Rows come from :func:`packer.build.pipeline.stream_epoch` restricted to each rank's range (only the
     shards overlapping it are built), so epoch e here equals epoch e of ``navit pack`` with the same
     source, config and seed, byte for byte. Each epoch is planned once (header scan, no decoding)
     and the plan is shared by every rank's stream; the last few plans are kept. Ray starts lazily."""
@@ -229,9 +229,9 @@ class LiveSource:
     @staticmethod
     def _import_pipeline() -> Any:
         try:
-            from packer import pipeline
+            from packer.build import pipeline
         except ImportError as e:  # the pack pipeline is a separate module
-            raise DataError(f"live mode needs packer.pipeline ({e})") from None
+            raise DataError(f"live mode needs packer.build.pipeline ({e})") from None
         return pipeline
 
     def epochs(self) -> None:

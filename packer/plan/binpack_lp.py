@@ -1,6 +1,6 @@
 """Cutting-stock LP over the histogram of lengths (Gilmore–Gomory column generation).
 
-Owns :func:`solve_cutting_stock`, used by :func:`packer.binpack.lp_bound` (a lower bound on the number
+Owns :func:`solve_cutting_stock`, used by :func:`packer.plan.binpack.lp_bound` (a lower bound on the number
 of sequences, tighter than ``ceil(sum / seq_len)`` when many items exceed half a sequence) and by the
 ``histogram`` packer (which rounds the LP's patterns into sequences).
 

@@ -1,6 +1,6 @@
 """Best-fit-decreasing core, grouped by length and keyed by remaining capacity.
 
-This module owns the one hot loop of the planner. :func:`packer.binpack.pack` calls it for ``bfd``,
+This module owns the one hot loop of the planner. :func:`packer.plan.binpack.pack` calls it for ``bfd``,
 for each window of ``stream`` and for the residue of ``histogram``.
 
 Why it is fast without a compiler:

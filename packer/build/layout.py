@@ -1,10 +1,10 @@
 """One shard's worth of work, from plan to Arrow table — pure functions, no Ray, no I/O but reads.
 
-:func:`shard_tasks` cuts an epoch's :class:`~packer.plan_types.Plan` into shard tasks: small JSON
+:func:`shard_tasks` cuts an epoch's :class:`~packer.plan.types.Plan` into shard tasks: small JSON
 strings, each naming a fixed group of consecutive sequences and everything needed to build them
 (paths, keys, planned grids, kept-token counts, labels, image ids, layout, and the crop box and
 flip of each image when augmenting). :func:`build_shard`
-executes one task: it decodes each image into its kept patches (:mod:`packer.decode`), lays each
+executes one task: it decodes each image into its kept patches (:mod:`packer.build.decode`), lays each
 sequence's images end to end, zero-pads the tail and returns the shard table plus small metadata.
 
 A shard depends only on its task and the config, never on other shards or on which worker ran it:
@@ -27,8 +27,8 @@ import pyarrow as pa
 
 from packer import schema
 from packer.config import PackConfig
-from packer.decode import DecodeError, decode_tokens
-from packer.plan_types import Plan
+from packer.build.decode import DecodeError, decode_tokens
+from packer.plan.types import Plan
 
 
 @dataclass

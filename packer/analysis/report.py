@@ -1,9 +1,9 @@
 """The plan report: how well a plan packs (padding, bound, images per sequence, token distributions).
 
-Key names and distribution helpers are shared with ``navit stats`` (:mod:`packer.stats`), so
+Key names and distribution helpers are shared with ``navit stats`` (:mod:`packer.analysis.stats`), so
 ``navit plan --json`` and ``navit stats --json`` agree where they overlap. :func:`report_from_arrays`
 works on plain arrays (anything that knows per-image and per-sequence counts can use it);
-:func:`plan_report` feeds it a :class:`~packer.plan_types.Plan`; :func:`render_text` prints one report
+:func:`plan_report` feeds it a :class:`~packer.plan.types.Plan`; :func:`render_text` prints one report
 and :func:`render_table` several side by side (one per seq_len).
 """
 
@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from packer import stats as _stats
-from packer.binpack import lower_bound
+from packer.analysis import stats as _stats
+from packer.analysis.stats import distribution, reason_group, value_counts
 from packer.config import PackConfig
-from packer.plan_types import Plan
-from packer.sources import Skipped
-from packer.stats import distribution, reason_group, value_counts
+from packer.plan.binpack import lower_bound
+from packer.plan.sources import Skipped
+from packer.plan.types import Plan
 
 
 def _int_edges(hi: int, bins: int = 20) -> np.ndarray:
-    """≤ ``bins`` integer-aligned bins covering 1..hi (edges at k + 0.5), as packer.stats uses."""
+    """≤ ``bins`` integer-aligned bins covering 1..hi (edges at k + 0.5), as packer.analysis.stats uses."""
     step = max(1, math.ceil(hi / bins))
     return np.arange(0, hi + step, step, dtype=np.float64) + 0.5
 

@@ -1,6 +1,6 @@
 """The plan: which image goes into which packed sequence, at what size, with how many tokens.
 
-Produced by :mod:`packer.plan` (no pixel decoded), executed by :mod:`packer.pipeline`. Columnar
+Produced by :mod:`packer.plan.planner` (no pixel decoded), executed by :mod:`packer.build.pipeline`. Columnar
 (numpy arrays indexed by plan position) so that a million-image plan is a few dozen MB.
 """
 
@@ -48,7 +48,7 @@ class Plan:
     seq_members: np.ndarray  # int64, plan positions in layout order
     rejected: list[Rejection] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)  # label index → class name
-    # Pack-time augmentation (packer.augment), None when off (= whole image, no flip): the crop box
+    # Pack-time augmentation (packer.plan.augment), None when off (= whole image, no flip): the crop box
     # (n, 4) int32 x0, y0, x1, y1 in oriented source pixels, and hflip (n,) bool.
     crop: np.ndarray | None = None
     hflip: np.ndarray | None = None
