@@ -9,7 +9,7 @@ import pytest
 from fixtures_images import bad_files, encode, exif_rotated_jpeg, mode_zoo, smooth_rgb
 from PIL import Image
 
-from packer.build import decode
+from packer import imagefile
 from packer.build.decode import DecodeError, decode_rgb, load_resized, patchify, read_bytes, select_tokens
 from packer.config import DecodeConfig
 
@@ -181,8 +181,8 @@ def test_unreadable_paths(tmp_path):
 
 
 def test_webp_without_support_says_so(monkeypatch):
-    real = decode.features.check
-    monkeypatch.setattr(decode.features, "check", lambda f: False if f == "webp" else real(f))
+    real = imagefile.features.check
+    monkeypatch.setattr(imagefile.features, "check", lambda f: False if f == "webp" else real(f))
     webp_header = b"RIFF" + (100).to_bytes(4, "little") + b"WEBPVP8 " + bytes(92)
     with pytest.raises(DecodeError, match="^WebP support not compiled in$"):
         decode_rgb(webp_header, (16, 16), CFG)

@@ -69,12 +69,12 @@ def test_pixel_limit_comes_from_the_config(tmp_path: Path) -> None:
 
 
 def test_webp_not_compiled_in_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import packer.build.decode
+    import packer.imagefile
 
     data = b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 40
     files = write_files(tmp_path, {"x.webp": data})
-    real = packer.build.decode.features.check
-    monkeypatch.setattr(packer.build.decode.features, "check", lambda f: False if f == "webp" else real(f))
+    real = packer.imagefile.features.check
+    monkeypatch.setattr(packer.imagefile.features, "check", lambda f: False if f == "webp" else real(f))
     assert _scan([files["x.webp"]]).reason == ["WebP support not compiled in"]
 
 

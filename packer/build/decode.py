@@ -27,16 +27,16 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError, features
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from packer.config import DecodeConfig
-from packer.localfile import NotRegularFile, open_regular
+from packer.imagefile import EXIF_ORIENTATION, one_line, unreadable_reason, unsupported_format
+from packer.localfile import open_regular
 
 RESAMPLE = Image.Resampling.BICUBIC
 # Downscales by more than this factor first reduce by an integer box filter (fast, and visually
 # indistinguishable at 3.0 per Pillow's docs), then finish with the bicubic filter.
 REDUCING_GAP = 3.0
-EXIF_ORIENTATION = 0x0112
 # EXIF orientation → the transpose that makes the image upright (as ImageOps.exif_transpose).
 _ORIENT_TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -96,46 +96,16 @@ def read_bytes(path: str) -> bytes:
     return data
 
 
-def _one_line(e: BaseException) -> str:
-    text = (getattr(e, "strerror", None) or str(e) or type(e).__name__).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def unreadable_reason(err: OSError) -> str:
-    """The one-line rejection reason for a path that cannot be opened (shared with the header scan,
-    so plan and pack count the same reasons)."""
-    if isinstance(err, FileNotFoundError):
-        return "unreadable path: file not found"
-    if isinstance(err, PermissionError):
-        return "unreadable path: permission denied"
-    if isinstance(err, IsADirectoryError):
-        return "unreadable path: is a directory"
-    if isinstance(err, NotRegularFile):
-        return str(err.strerror)  # "not a regular file: named pipe (FIFO)"
-    return f"unreadable path: {_one_line(err)}"
-
-
 # ----------------------------------------------------------------------------------------------------
 # 2-5. Header check, draft, decode, orientation, RGB
 # ----------------------------------------------------------------------------------------------------
-
-
-def _unsupported_format(data: bytes) -> str | None:
-    """Name a known format this Pillow build was compiled without (so the reason says so)."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and not features.check("webp"):
-        return "WebP support not compiled in"
-    if data[4:12] in (b"ftypavif", b"ftypavis"):
-        return "AVIF support not compiled in" if not features.check("avif") else None
-    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1"):
-        return "HEIC is not supported by Pillow"
-    return None
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Parse the header (no pixel decoded) and enforce the pixel limit. DecodeError on failure."""
     if not data:
         raise DecodeError("zero-byte file")
-    missing = _unsupported_format(data)
+    missing = unsupported_format(data)
     if missing:
         raise DecodeError(missing)
     if max_pixels > (Image.MAX_IMAGE_PIXELS or max_pixels):
@@ -155,7 +125,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised file format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DecodeError(f"corrupt image header: {_one_line(e)}") from None
+        raise DecodeError(f"corrupt image header: {one_line(e)}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise DecodeError(f"corrupt image header: size {w}x{h}")
@@ -259,9 +229,9 @@ def decode_rgb(
                 box = res[1]
         img.load()
     except Image.DecompressionBombError as e:
-        raise DecodeError(f"decompression bomb: {_one_line(e)}") from None
+        raise DecodeError(f"decompression bomb: {one_line(e)}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-        msg = _one_line(e)
+        msg = one_line(e)
         if "decoder" in msg and "not available" in msg:
             raise DecodeError(f"format support not compiled in ({msg})") from None
         raise DecodeError(f"corrupt or truncated image: {msg}") from None
@@ -270,7 +240,7 @@ def decode_rgb(
     try:
         img = to_rgb(img, tuple(cfg.background))  # type: ignore[arg-type]
     except (OSError, ValueError) as e:
-        raise DecodeError(f"cannot convert mode {img.mode} to RGB: {_one_line(e)}") from None
+        raise DecodeError(f"cannot convert mode {img.mode} to RGB: {one_line(e)}") from None
     if orientation in _ORIENT_TRANSPOSE:
         if box is not None:
             box = _transpose_box(box, img.size, orientation)
@@ -405,7 +375,7 @@ def load_resized(
             img, box = cut_box(img, box)
         arr = resize_exact(img, tw, th, box)
     except (OSError, ValueError) as e:
-        raise DecodeError(f"cannot resize: {_one_line(e)}") from None
+        raise DecodeError(f"cannot resize: {one_line(e)}") from None
     # Flip after the resize: exact on uint8 pixels, and fewer pixels to move.
     return np.ascontiguousarray(arr[:, ::-1]) if hflip else arr
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from packer.build.decode import EXIF_ORIENTATION, _one_line, _unsupported_format, unreadable_reason
+from packer.imagefile import EXIF_ORIENTATION, one_line, unreadable_reason, unsupported_format
 from packer.localfile import open_regular
 
 # Below this many files, starting embedded Ray (5-30 s) costs more than a local loop: measured ~0.4 ms
@@ -101,10 +101,10 @@ def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
             head = f.read(16)
             f.seek(0)
         except OSError as e:
-            raise HeaderError(f"unreadable path: {_one_line(e)}") from None
+            raise HeaderError(f"unreadable path: {one_line(e)}") from None
         if not head:
             raise HeaderError("zero-byte file")
-        missing = _unsupported_format(head)
+        missing = unsupported_format(head)
         if missing:
             raise HeaderError(missing)
         try:
@@ -123,7 +123,7 @@ def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
         except UnidentifiedImageError:
             raise HeaderError("not an image (unrecognised file format)") from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-            raise HeaderError(f"corrupt image header: {_one_line(e)}") from None
+            raise HeaderError(f"corrupt image header: {one_line(e)}") from None
     if w <= 0 or h <= 0:
         raise HeaderError(f"corrupt image header: size {w}x{h}")
     if w * h > max_pixels:
@@ -152,7 +152,7 @@ def _scan_rows(image_ids: np.ndarray, paths: Sequence[str], max_pixels: int) -> 
             out["reason"][i] = e.reason
             continue
         except Exception as e:  # never lose an image to an unexpected decoder error: record it
-            out["reason"][i] = f"corrupt image header: {type(e).__name__}: {_one_line(e)}"
+            out["reason"][i] = f"corrupt image header: {type(e).__name__}: {one_line(e)}"
             continue
         out["width"][i], out["height"][i], out["orientation"][i], out["format"][i] = w, h, o, fmt
     return out
