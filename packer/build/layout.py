@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from packer import schema
-from packer.config import PackConfig
 from packer.build.decode import DecodeError, decode_tokens
+from packer.config import PackConfig
 from packer.plan.types import Plan
 
 

@@ -38,11 +38,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from packer import schema
+from packer.build.layout import ShardResult, build_shard_bytes, shard_tasks, task_digest
 from packer.config import PackConfig
 from packer.errors import DataError, NavitError
-from packer.build.layout import ShardResult, build_shard_bytes, shard_tasks, task_digest
-from packer.plan.types import Plan
 from packer.plan.sources import UNREADABLE_FOLDER, printable
+from packer.plan.types import Plan
 
 STATE_DIR = ".navit-pack"
 STATE_FILE = f"{STATE_DIR}/state.json"
