@@ -20,7 +20,8 @@ from PIL import Image, ImageOps
 
 from packer import schema
 from packer.build import decode
-from packer.build.pipeline import pack, stream_epoch
+from packer.build.execute import stream_epoch
+from packer.build.pipeline import pack
 from packer.config import PackConfig
 from packer.errors import NavitError
 from packer.plan.types import Plan, Rejection
@@ -381,7 +382,7 @@ def test_cli_pack_with_the_real_planner(tmp_path, ray_session):
 def test_live_row_range_and_epoch_rows(src, packed):
     """stream_epoch(start_row, stop_row) gives exactly those rows of the written epoch, building only
     the shards that overlap; epoch_rows is the epoch's row count."""
-    from packer.build.pipeline import epoch_rows
+    from packer.build.execute import epoch_rows
 
     out, _ = packed
     cfg = make_cfg()

@@ -308,7 +308,8 @@ def test_pack_records_and_summarises_unreadable_folders(locked_tree: Path, tmp_p
 
 
 def test_missing_source_leaves_out_untouched_and_reusable(tmp_path: Path) -> None:
-    from packer.build.pipeline import STATE_FILE, pack, prepare_out_dir
+    from packer.build.outdir import STATE_FILE, prepare_out_dir
+    from packer.build.pipeline import pack
     from packer.errors import NavitError
 
     cfg = _cfg()
@@ -323,7 +324,7 @@ def test_missing_source_leaves_out_untouched_and_reusable(tmp_path: Path) -> Non
 
 def test_out_holding_only_the_state_of_a_run_that_built_nothing_is_free(tmp_path: Path) -> None:
     """A run killed while planning leaves state.json and no shard: any source may use the folder."""
-    from packer.build.pipeline import STATE_FILE, prepare_out_dir
+    from packer.build.outdir import STATE_FILE, prepare_out_dir
     from packer.errors import NavitError
 
     cfg, out = _cfg(), tmp_path / "m1"

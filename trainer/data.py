@@ -701,26 +701,26 @@ def live_source(
     pack whole shards; the rows come back as Arrow buffers. Training epoch ``e`` is pack epoch ``e``
     (fresh resolution and drop draws every epoch). Under DDP each rank builds every W-th shard of the
     same deterministic plan. Ray is imported here, never at import time."""
-    from packer.build import pipeline
+    from packer.build import execute
     from packer.build.layout import shard_tasks
 
-    plan0 = pipeline.plan_epoch(images, pack_config, 0, ray_address=ray_address, workers=workers)
+    plan0 = execute.plan_epoch(images, pack_config, 0, ray_address=ray_address, workers=workers)
     labels = np.asarray(getattr(plan0, "label", np.zeros(0)), dtype=np.int64)
     classes = list(getattr(plan0, "classes", []) or [])
     num_classes = max(len(classes), int(labels.max()) + 1 if labels.size else 0)
 
     def epoch_rows(epoch: int) -> Iterator[pa.RecordBatch]:
         plan = (
-            plan0 if epoch == 0 else pipeline.plan_epoch(images, pack_config, epoch, ray_address=ray_address)
+            plan0 if epoch == 0 else execute.plan_epoch(images, pack_config, epoch, ray_address=ray_address)
         )
         if world_size == 1:
-            yield from pipeline.stream_epoch(
+            yield from execute.stream_epoch(
                 plan, pack_config, epoch, workers=workers, ray_address=ray_address
             )
             return
-        tasks = shard_tasks(plan, pack_config.seed, pipeline.resolved_shard_rows(pack_config))
+        tasks = shard_tasks(plan, pack_config.seed, execute.resolved_shard_rows(pack_config))
         mine = tasks[rank::world_size]
-        for _meta, data in pipeline.run_shard_tasks(
+        for _meta, data in execute.run_shard_tasks(
             mine, pack_config, out=None, return_data=True, workers=workers, ray_address=ray_address
         ):
             pf = pq.ParquetFile(pa.BufferReader(data))

@@ -202,7 +202,7 @@ class ShardSetSource:
 class LiveSource:
     """Serves the live packing pipeline over a raw image source; nothing is written to disk.
 
-    Rows come from :func:`packer.build.pipeline.stream_epoch` restricted to each rank's range (only the
+    Rows come from :func:`packer.build.execute.stream_epoch` restricted to each rank's range (only the
     shards overlapping it are built), so epoch e here equals epoch e of ``navit pack`` with the same
     source, config and seed, byte for byte. Each epoch is planned once (header scan, no decoding)
     and the plan is shared by every rank's stream; the last few plans are kept. Ray starts lazily."""
@@ -229,10 +229,10 @@ class LiveSource:
     @staticmethod
     def _import_pipeline() -> Any:
         try:
-            from packer.build import pipeline
+            from packer.build import execute
         except ImportError as e:  # the pack pipeline is a separate module
-            raise DataError(f"live mode needs packer.build.pipeline ({e})") from None
-        return pipeline
+            raise DataError(f"live mode needs packer.build.execute ({e})") from None
+        return execute
 
     def epochs(self) -> None:
         return None
