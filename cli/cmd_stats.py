@@ -25,7 +25,9 @@ def stats(
     """Sequences, tokens, padding, lower bound, per-image distributions, labels, rejections and a
     cross-check of index.json against the shards, read from metadata only (never the pixels).
     Exits 1 with a WARNING when index.json or images.parquet disagree with the shards."""
-    from packer.analysis.stats import build_report, load_pack, render_comparison, render_text
+    from packer.analysis.load import load_pack
+    from packer.analysis.render import render_comparison, render_text
+    from packer.analysis.stats import build_report
 
     if not dirs:
         raise NavitError("give at least one pack directory")

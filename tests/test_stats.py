@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from packer import schema
-from packer.analysis.stats import build_report, compute_stats, load_pack
+from packer.analysis.load import load_pack
+from packer.analysis.stats import build_report, compute_stats
 
 SEQ_LEN, P = 16, 2
 CLASSES = ["circle", "square", "stripes"]

@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from packer.analysis.stats import PackData, drop_rate, native_and_sampled
+from packer.analysis.load import PackData
+from packer.analysis.stats import native_and_sampled
+from packer.analysis.totals import drop_rate
 
 DPI = 100
 FIGSIZE = (18.0, 13.0)  # inches: 3 × 3 panels readable on a laptop screen at 100 dpi

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.analysis import stats as _stats
+from packer.analysis import render
 from packer.analysis.stats import distribution, reason_group, value_counts
 from packer.config import PackConfig
 from packer.plan.binpack import lower_bound
@@ -185,17 +185,17 @@ def render_text(rep: dict[str, Any]) -> str:
     ]
     ips = rep["images_per_seq"]
     lines.append(f"  images per sequence: mean {ips['mean']:.2f}  min {ips['min']}  max {ips['max']}")
-    lines += _stats._hist_lines(ips["histogram"])
-    lines.append(_stats._dist_line("tokens per image (kept)", rep["tokens_per_image"]))
+    lines += render._hist_lines(ips["histogram"])
+    lines.append(render._dist_line("tokens per image (kept)", rep["tokens_per_image"]))
     if rep["tokens_per_image"].get("histogram"):
-        lines += _stats._hist_lines(rep["tokens_per_image"]["histogram"])
-    lines.append(_stats._dist_line("token drop rate", rep["drop_rate"], fmt="{:.3f}"))
+        lines += render._hist_lines(rep["tokens_per_image"]["histogram"])
+    lines.append(render._dist_line("token drop rate", rep["drop_rate"], fmt="{:.3f}"))
     res = rep["resolution"]
     if "native_side_px" in res:
-        lines.append(_stats._dist_line("native side sqrt(h*w)", res["native_side_px"], " px"))
-    lines.append(_stats._dist_line("sampled side sqrt(h*w)", res["sampled_side_px"], " px"))
+        lines.append(render._dist_line("native side sqrt(h*w)", res["native_side_px"], " px"))
+    lines.append(render._dist_line("sampled side sqrt(h*w)", res["sampled_side_px"], " px"))
     for k, v in rep["aspect_ratio"].items():
-        lines.append(_stats._dist_line(f"aspect w/h ({k})", v, fmt="{:.2f}"))
+        lines.append(render._dist_line(f"aspect w/h ({k})", v, fmt="{:.2f}"))
     if rep["labels"]:
         lines.append("  labels: " + ", ".join(f"{k} {v:,}" for k, v in rep["labels"].items()))
     if rep["rejected_by_reason"]:
