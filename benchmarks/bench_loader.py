@@ -86,7 +86,7 @@ def synthetic_pack(out: Path, rows: int, seq_len: int, patch: int, seed: int = 0
 
 
 def bench_loader(data: str, batch_size: int, batches: int) -> dict:
-    from trainer.data import ShardSource, open_shard_set
+    from trainer.shards import ShardSource, open_shard_set
 
     shards = open_shard_set(data, verify=False)
     src = ShardSource(shards, batch_size, seed=0, shuffle_buffer=256)

@@ -235,7 +235,7 @@ def _source_factory(
 
         # Validate the data before any process group or model exists (one clear error).
         if "://" not in data or data.startswith(("s3://", "gs://", "file://")):
-            from trainer.data import open_shard_set
+            from trainer.shards import open_shard_set
 
             open_shard_set(data, verify=cfg.data.verify)
 
@@ -272,7 +272,7 @@ def _source_factory(
     )
 
     def make_live(info: Any) -> Any:
-        from trainer.data import live_source
+        from trainer.streams import live_source
 
         return live_source(
             images,

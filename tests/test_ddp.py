@@ -25,7 +25,8 @@ import pytest
 import torch
 from train_fixtures import make_images, tiny_train_config, write_pack
 
-from trainer.data import DataPosition, HostBatch, Rows, ShardSource, open_shard_set
+from trainer.batch import DataPosition, HostBatch, Rows
+from trainer.shards import ShardSource, open_shard_set
 
 STEPS = 6
 PER_RANK = 2

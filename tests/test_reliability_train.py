@@ -297,7 +297,7 @@ def test_shard_damaged_mid_run_is_one_line(tmp_path, small_pack):
 @pytest.mark.parametrize("where", ["parent", "absolute"])
 def test_shard_paths_are_confined_to_the_pack(tmp_path, small_pack, where):
     from packer.errors import DataError
-    from trainer.data import open_shard_set
+    from trainer.shards import open_shard_set
 
     pack, idx = _copy_pack(small_pack, tmp_path / "pack")
     (tmp_path / "other").mkdir()

@@ -13,16 +13,10 @@ from train_fixtures import make_images, write_pack
 
 from packer import schema
 from packer.errors import DataError, NavitError
-from trainer.data import (
-    DataPosition,
-    RecordBatchSource,
-    ShardSource,
-    ShardStream,
-    iter_batches,
-    open_shard_set,
-    rank_epoch_rows,
-    shuffle_buffer_order,
-)
+from trainer.batch import DataPosition
+from trainer.data import iter_batches
+from trainer.shards import ShardSource, ShardStream, open_shard_set, rank_epoch_rows, shuffle_buffer_order
+from trainer.streams import RecordBatchSource
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,7 +120,7 @@ def test_worker_split_is_disjoint_and_complete(pack):
 
     got = {}
     for w in range(3):
-        import trainer.data as td
+        import trainer.shards as td
 
         orig = td.torch.utils.data.get_worker_info
         td.torch.utils.data.get_worker_info = lambda w=w: _Info(w)

@@ -4,8 +4,10 @@ Modules (import what you need; this package imports none of them eagerly, so tha
 ``trainer.flight_client`` stays free of torch):
 
 - ``trainer.config``       TrainConfig (pydantic) + YAML/override loading, resume compatibility
-- ``trainer.data``         batch format, shard reading, data order and position, sources
-                           (shards, flight://, live), ``iter_batches`` for your own loop
+- ``trainer.data``         ``open_source(--data)``: the batch source; ``iter_batches`` for your own loop
+- ``trainer.batch``        batch format (``collate_rows``), ``DataPosition``, the ``BatchSource`` protocol
+- ``trainer.shards``       a pack on disk: shard set, data order (ranks, shuffle buffer), DataLoader stream
+- ``trainer.streams``      record-batch sources: flight:// and live mode (the packing pipeline on Ray)
 - ``trainer.loop``         ``train(cfg, source, out, resume=...)``: the training loop
 - ``trainer.checkpoint``   atomic safetensors + weights_only checkpoints
 - ``trainer.metrics``      progress line, metrics.jsonl, TensorBoard

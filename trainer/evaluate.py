@@ -22,7 +22,7 @@ import torch
 
 from packer import schema
 from packer.errors import NavitError
-from trainer.data import Rows, collate_rows
+from trainer.batch import Rows, collate_rows
 
 # ----------------------------------------------------------------------------------------------------
 # numpy images → packed rows
@@ -307,7 +307,7 @@ def evaluate_shards(
     net: torch.nn.Module, data_dir: str, *, device: torch.device, batch_rows: int = 8
 ) -> list[EvalResult]:
     """Accuracy on a pack directory's rows as packed (pack epoch 0)."""
-    from trainer.data import open_shard_set
+    from trainer.shards import open_shard_set
 
     shards = open_shard_set(data_dir, verify=True)
     acc = _Accumulator()

@@ -23,8 +23,8 @@ import torch
 
 from packer.errors import ConfigError, NavitError
 from trainer import checkpoint as ckpt
+from trainer.batch import BatchSource, DataPosition, HostBatch
 from trainer.config import TrainConfig, incompatible_fields
-from trainer.data import BatchSource, DataPosition, HostBatch
 from trainer.distributed import all_gather_json, all_reduce_sum, barrier, init_distributed
 from trainer.metrics import MetricsLogger
 from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
