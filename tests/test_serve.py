@@ -451,18 +451,20 @@ def test_live_epochs_equal_navit_pack_byte_for_byte(tmp_path, ray_session):
 
 def test_trainer_flight_source_batches_and_resumes_exactly(pack, server):
     data = pytest.importorskip("trainer.data")
+    from trainer import batch
+
     if not hasattr(data, "open_source"):
         pytest.skip("trainer.data.open_source not available")
     src = data.open_source(uri(server), batch_size=4, seed=0)
     assert (src.seq_len, src.patch_size, src.num_classes) == (16, 2, 3)
-    it = src.batches(data.DataPosition())
+    it = src.batches(batch.DataPosition())
     first = [next(it) for _ in range(8)]  # 32 rows: all 22 of epoch 0, then 10 of epoch 1
     it.close()
-    expected = data.Rows.from_arrow(pa.concat_tables([epoch_table(pack, 0), epoch_table(pack, 1)]))
+    expected = batch.Rows.from_arrow(pa.concat_tables([epoch_table(pack, 0), epoch_table(pack, 1)]))
     got = np.concatenate([b.tensors["patches"].numpy() for b in first])
     np.testing.assert_array_equal(got, expected.patches[:32])
     # Batch 5 straddles the epochs: rows 20-21 of epoch 0, then rows 0-1 of epoch 1.
-    assert first[4].position == data.DataPosition(0, 20) and first[5].position == data.DataPosition(1, 2)
+    assert first[4].position == batch.DataPosition(0, 20) and first[5].position == batch.DataPosition(1, 2)
     # Resume from a checkpointed position: the same batches as the uninterrupted stream.
     it = src.batches(first[2].position)
     resumed = [next(it) for _ in range(5)]
