@@ -37,7 +37,7 @@ def packing_order(keys: list, seed: int, epoch: int) -> np.ndarray:
     Not image_id order: image_ids follow the sorted keys, which for an ImageFolder (or any
     class-prefixed manifest) lists the images class by class, and every packer breaks ties (equal
     token counts) by input order — rows would hold one class each, and a training batch a handful
-    of classes, which slows learning badly (measured on the `make demo` task: docs/pack.md)."""
+    of classes, which slows learning badly (measured on the `make demo` task: docs/planner.md)."""
     u = uniforms(seed, epoch, key_hash(keys), STREAM_PACK_ORDER)
     return np.argsort(u, kind="stable").astype(np.int64)
 
