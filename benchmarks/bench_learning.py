@@ -217,8 +217,9 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, chunk: int = 
     return hits / len(x)
 
 
-def train_eval(variant: str, task: Task, r: Recipe, seed: int) -> dict[str, float]:
-    """Train ``variant`` for ``r.steps`` steps; held-out and train top-1 plus the last-20-step loss."""
+def train_eval(variant: str, task: Task, r: Recipe, seed: int, eval_train: bool = True) -> dict[str, float]:
+    """Train ``variant`` for ``r.steps`` steps; held-out and (``eval_train``) train top-1 on up to 2k
+    training images, plus the mean loss of the last 20 steps."""
     model = build(variant, task, r, seed)
     opt = torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.lr)
     warm = max(1, round(r.warmup_frac * r.steps))
@@ -248,7 +249,9 @@ def train_eval(variant: str, task: Task, r: Recipe, seed: int) -> dict[str, floa
     n_eval = min(2000, len(task.x_train))
     return {
         "heldout": accuracy(model, task.x_test, task.y_test),
-        "train": accuracy(model, task.x_train[:n_eval], task.y_train[:n_eval]),
+        "train": accuracy(model, task.x_train[:n_eval], task.y_train[:n_eval])
+        if eval_train
+        else float("nan"),
         "loss": float(np.mean(losses[-20:])),
         "seconds": seconds,
         "params": sum(p.numel() for p in model.parameters()),
