@@ -60,7 +60,7 @@ class NaViTConfig:
     num_classes: int = 1000  # 0 = no classifier (out.logits is None)
     posemb: str = "learned"  # learned | sincos | fourier | absolute
     posemb_buckets: int = 64  # fractional-coordinate buckets per axis ('learned')
-    posemb_std: float = 0.5  # init std of each axis' table ('learned', 'absolute'); see below
+    posemb_std: float = 0.5  # init std of each axis' table ('learned', 'absolute')
     max_grid: int = 64  # reference grid size ('sincos', 'fourier') / table size ('absolute')
     qk_norm: bool = False  # LayerNorm on per-head queries and keys
     pool: str = "mean"  # mean | attn (one learned probe per image)
