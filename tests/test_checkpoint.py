@@ -71,3 +71,113 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(NavitError, match="version 99 is not supported"):
         ck.load_checkpoint(path)
+
+
+# ------------------------------------------------------------ NaViT configs across versions
+
+
+def _navit_checkpoint(tmp_path, model_config: dict, seed: int = 0):
+    """A checkpoint of a small NaViT built from ``model_config`` as ``from_dict`` reads it."""
+    from model import NaViT, NaViTConfig
+
+    torch.manual_seed(seed)
+    net = NaViT(NaViTConfig.from_dict(model_config)).eval()
+    path = ck.save_checkpoint(tmp_path, 1, net, {}, {"model_config": model_config})
+    return net, path
+
+
+def _patch_batch(channels: int = 3):
+    import numpy as np
+
+    from model import pack_images
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (h, w, channels), dtype=np.uint8) for h, w in ((8, 12), (16, 8), (4, 4))]
+    return pack_images(imgs, patch_size=4, seq_len=32, channels=channels)
+
+
+_SMALL = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "num_classes": 5}
+
+
+def test_old_model_config_without_new_fields_loads_with_legacy_behaviour(tmp_path):
+    from model import LEGACY_DEFAULTS, NaViTConfig
+    from trainer.evaluate import load_model
+
+    # What a checkpoint written before issue 11 stores: every field of that time, none added since.
+    old = NaViTConfig.preset("tiny", **_SMALL, **LEGACY_DEFAULTS).to_dict()
+    for new_field in ("patch_norm", "init"):
+        del old[new_field]
+    net, path = _navit_checkpoint(tmp_path, old)
+    loaded, meta = load_model(path, torch.device("cpu"))
+    assert "patch_norm" not in meta["model_config"]
+    cfg = loaded.cfg
+    assert (cfg.patch_norm, cfg.init, cfg.pool) == (False, "trunc_normal", "attn")
+    assert loaded.patch_norm is None and not any(k.startswith("patch_norm") for k in loaded.state_dict())
+    batch = _patch_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, net(batch).logits)
+    # Today's defaults differ from the legacy ones (init, pool, posemb_std), and are not used for it.
+    today = NaViTConfig.preset("tiny", **_SMALL)
+    assert [k for k in LEGACY_DEFAULTS if getattr(today, k) != LEGACY_DEFAULTS[k]]
+    assert all(getattr(cfg, k) == v for k, v in LEGACY_DEFAULTS.items())
+
+
+@pytest.mark.parametrize("patch_norm", [True, False])
+def test_navit_checkpoint_round_trips_with_and_without_patch_norm(tmp_path, patch_norm):
+    from model import NaViTConfig
+    from trainer.evaluate import load_model
+
+    cfg = NaViTConfig.preset("tiny", **_SMALL, patch_norm=patch_norm)
+    stored = json.loads(json.dumps(cfg.to_dict()))
+    assert stored["patch_norm"] is patch_norm
+    net, path = _navit_checkpoint(tmp_path, stored)
+    if patch_norm:  # make the LayerNorm's affine non-trivial, so that loading it is what is tested
+        with torch.no_grad():
+            net.patch_norm.weight.uniform_(0.5, 1.5)
+            net.patch_norm.bias.uniform_(-0.5, 0.5)
+        path = ck.save_checkpoint(tmp_path, 2, net, {}, {"model_config": stored})
+    loaded, _ = load_model(path, torch.device("cpu"))
+    assert loaded.cfg == cfg
+    assert (loaded.patch_norm is not None) is patch_norm
+    batch = _patch_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, net(batch).logits)
+
+
+def test_resume_of_a_run_started_before_new_defaults_goes_on_with_its_model(tmp_path, monkeypatch):
+    """A run written by the code of before issue 11 (no patch_norm/init fields, legacy defaults)
+    resumes under today's defaults with the model it started with, bit for bit."""
+    from train_fixtures import make_images, tiny_train_config, write_pack
+
+    from model import LEGACY_DEFAULTS, NaViTConfig
+    from trainer.data import open_source
+    from trainer.loop import train
+
+    images, labels = make_images(48, seed=5)
+    pack = write_pack(tmp_path / "pack", images, labels, seq_len=64, shard_rows=6)
+
+    def src(info):
+        return open_source(str(pack), batch_size=4, seed=0)
+
+    cfg = tiny_train_config(**{"schedule.steps": 6})
+    torch.set_num_threads(1)
+    with monkeypatch.context() as old_code:
+        # The old code: presets built with the legacy values, configs stored without the new fields.
+        preset, to_dict = NaViTConfig.preset.__func__, NaViTConfig.to_dict
+        old_code.setattr(
+            NaViTConfig, "preset", classmethod(lambda c, n, **kw: preset(c, n, **{**LEGACY_DEFAULTS, **kw}))
+        )
+        old_code.setattr(
+            NaViTConfig,
+            "to_dict",
+            lambda self: {k: v for k, v in to_dict(self).items() if k not in ("patch_norm", "init")},
+        )
+        full = train(cfg, src, tmp_path / "full", verbose=False)
+        train(cfg, src, tmp_path / "part", stop_after=3, verbose=False)
+    stored = ck.load_checkpoint(tmp_path / "part").meta["model_config"]
+    assert "patch_norm" not in stored and stored["pool"] == "attn"
+    rest = train(cfg, src, tmp_path / "part", resume=True, verbose=False)
+    assert rest.start_step == 3 and rest.losses == full.losses[3:]
+    resumed = ck.load_checkpoint(tmp_path / "part")
+    assert NaViTConfig.from_dict(resumed.meta["model_config"]) == NaViTConfig.from_dict(stored)
+    assert any(k.startswith("pool.") for k in resumed.weights)

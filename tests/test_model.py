@@ -329,7 +329,7 @@ def test_absolute_posemb_is_index_based():
 # ---------------------------------------------------------------------------- config / presets
 
 
-def _vit_params(dim: int, depth: int, classes: int, patch_dim: int, buckets: int) -> int:
+def _vit_params(dim: int, depth: int, classes: int, patch_dim: int, buckets: int, attn_pool: bool) -> int:
     block = 4 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + 2 * (4 * dim * dim) + 4 * dim + dim
     pool = (
         dim
@@ -339,7 +339,7 @@ def _vit_params(dim: int, depth: int, classes: int, patch_dim: int, buckets: int
         + 2 * dim
         + 8 * dim * dim
         + 5 * dim
-    )
+    ) * attn_pool
     return (
         (patch_dim * dim + dim) + 2 * buckets * dim + depth * block + 2 * dim + pool + dim * classes + classes
     )
@@ -348,21 +348,26 @@ def _vit_params(dim: int, depth: int, classes: int, patch_dim: int, buckets: int
 @pytest.mark.parametrize(
     ("name", "dim", "depth", "heads", "lo", "hi"),
     [
-        ("tiny", 192, 12, 3, 5.5e6, 6.5e6),
-        ("small", 384, 12, 6, 22e6, 25e6),
-        ("base", 768, 12, 12, 90e6, 96e6),
-        ("large", 1024, 24, 16, 310e6, 320e6),
+        ("tiny", 192, 12, 3, 5.5e6, 6.0e6),
+        ("small", 384, 12, 6, 21.5e6, 22.5e6),
+        ("base", 768, 12, 12, 85e6, 88e6),
+        ("large", 1024, 24, 16, 300e6, 308e6),
     ],
 )
 def test_presets_have_vit_sizes(name, dim, depth, heads, lo, hi):
-    # ViT-Ti/S/B/L sizes (5.7/22/86/304 M) plus the attention-pooling head (~12 dim^2).
+    # ViT-Ti/S/B/L sizes (5.7/22/86/304 M); the attention-pooling head adds ~12 dim^2.
     cfg = NaViTConfig.preset(name, num_classes=1000)
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch_size) == (dim, depth, heads, 4.0, 16)
     with torch.device("meta"):
         net = NaViT(cfg)
     n = sum(p.numel() for p in net.parameters())
-    assert n == _vit_params(dim, depth, 1000, 16 * 16 * 3, cfg.posemb_buckets)
+    assert n == _vit_params(dim, depth, 1000, 16 * 16 * 3, cfg.posemb_buckets, attn_pool=False)
     assert lo <= n <= hi
+    with torch.device("meta"):
+        n_attn = sum(
+            p.numel() for p in NaViT(NaViTConfig.preset(name, num_classes=1000, pool="attn")).parameters()
+        )
+    assert n_attn == _vit_params(dim, depth, 1000, 16 * 16 * 3, cfg.posemb_buckets, attn_pool=True)
 
 
 def test_config_round_trip_and_errors():

@@ -211,3 +211,29 @@ def test_cli_plan_json_and_text(messy) -> None:
     assert isinstance(res.exception, NavitError) and "source not found" in str(res.exception)
     res = runner.invoke(app, ["plan", str(root), "--seq-len", "0"])
     assert isinstance(res.exception, NavitError)
+
+
+def test_rows_mix_classes_of_a_class_sorted_folder(tmp_path: Path) -> None:
+    """image_ids follow the sorted keys, so an ImageFolder lists its images class by class; packing
+    in that order (ties broken by input order) gave rows of one class each. Images go to the packer
+    in a seeded random order instead: rows mix classes, and the order differs per epoch."""
+    from PIL import Image
+
+    for c in ("a", "b", "c"):
+        (tmp_path / c).mkdir()
+        for i in range(24):  # all 32x32: every image has the same token count, so ties everywhere
+            Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / c / f"{i:02d}.png")
+    cfg = PackConfig.model_validate(
+        {
+            "resolution": {"kind": "native"},
+            "packing": {"seq_len": 24, "patch_size": 16, "max_images_per_seq": 6},
+        }
+    )
+    scan = scan_source(str(tmp_path), cfg, use_ray=False)
+    plan = make_plan(scan, cfg, epoch=0)
+    assert_valid(plan, cfg, 72)
+    classes_per_row = [len(set(plan.label[plan.sequence(s)])) for s in range(plan.num_sequences)]
+    assert plan.num_sequences == 12  # 6 images of 4 tokens per row
+    assert sum(k > 1 for k in classes_per_row) >= 9, classes_per_row
+    assert_same(plan, make_plan(scan, cfg, epoch=0))
+    assert not np.array_equal(plan.seq_members, make_plan(scan, cfg, epoch=1).seq_members)

@@ -86,8 +86,15 @@ def check_run_dir(run: Path, resume: bool) -> None:
         )
 
 
-def build_model(cfg: TrainConfig, num_classes: int, patch_size: int) -> tuple[torch.nn.Module, Any]:
-    """NaViT from the preset + overrides; the patch size comes from the data."""
+def build_model(
+    cfg: TrainConfig, num_classes: int, patch_size: int, stored: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """NaViT from the preset + overrides; the patch size comes from the data. ``stored``: the
+    ``model_config`` of the checkpoint being resumed, which wins over today's defaults (a run started
+    before a default changed goes on with the model it started with); only the attention backend, a
+    runtime choice, comes from ``cfg``."""
+    import dataclasses
+
     from model import NaViT, NaViTConfig
 
     overrides = dict(cfg.model.overrides)
@@ -102,6 +109,8 @@ def build_model(cfg: TrainConfig, num_classes: int, patch_size: int) -> tuple[to
         mcfg = NaViTConfig.preset(cfg.model.preset, num_classes=num_classes, **overrides)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {str(e).splitlines()[0]}") from None
+    if stored is not None:
+        mcfg = dataclasses.replace(NaViTConfig.from_dict(stored), attention=mcfg.attention)
     return NaViT(mcfg), mcfg
 
 
@@ -213,7 +222,8 @@ def train(
 
     check_memory(cfg, num_classes, source, device, info)
     torch.manual_seed(cfg.seed)
-    model, mcfg = build_model(cfg, num_classes, source.patch_size)
+    stored = state.meta["model_config"] if state is not None else None
+    model, mcfg = build_model(cfg, num_classes, source.patch_size, stored)
     if state is not None:
         model.load_state_dict(state.weights)
     model.to(device)

@@ -5,9 +5,11 @@
 in one call (what ``navit pack`` uses per epoch).
 
 Every input ends up either in the plan or in ``plan.rejected`` (``images_in == planned + rejected``).
-Plan positions follow image_id order; sequences come from :func:`packer.plan.binpack.pack`. Sets larger
-than ``packing.partition_size`` are packed per contiguous image_id range — in parallel Ray tasks when
-Ray is already up, else in turn — and concatenated: the plan does not depend on how partitions ran.
+Plan positions follow image_id order; sequences come from :func:`packer.plan.binpack.pack`, fed the
+images in a seeded random order (:func:`packing_order`) so that rows mix classes. Sets larger than
+``packing.partition_size`` are packed per contiguous range of that order — in parallel Ray tasks
+when Ray is already up, else in turn — and concatenated: the plan does not depend on how
+partitions ran.
 """
 
 from __future__ import annotations
@@ -20,9 +22,24 @@ from packer.config import PackConfig
 from packer.plan import binpack
 from packer.plan.augment import sample_crops
 from packer.plan.headers import Headers, scan_headers
-from packer.plan.sampling import sample_sizes
+from packer.plan.sampling import key_hash, sample_sizes, uniforms
 from packer.plan.sources import Listing, list_source
 from packer.plan.types import Plan, Rejection
+
+# Random stream of the packing order (packer/plan/sampling.py uses 1-4, packer/plan/augment.py 16-20).
+STREAM_PACK_ORDER = 32
+
+
+def packing_order(keys: list, seed: int, epoch: int) -> np.ndarray:
+    """The order (n,) int64 of plan positions in which images go to the packer: a seeded shuffle,
+    a pure function of (seed, epoch, key) like every other draw.
+
+    Not image_id order: image_ids follow the sorted keys, which for an ImageFolder (or any
+    class-prefixed manifest) lists the images class by class, and every packer breaks ties (equal
+    token counts) by input order — rows would hold one class each, and a training batch a handful
+    of classes, which slows learning badly (measured on the `make demo` task: docs/planner.md)."""
+    u = uniforms(seed, epoch, key_hash(keys), STREAM_PACK_ORDER)
+    return np.argsort(u, kind="stable").astype(np.int64)
 
 
 @dataclass
@@ -128,7 +145,9 @@ def make_plan(scan: Scan, cfg: PackConfig, epoch: int = 0) -> Plan:
     crops = sample_crops(orig_h, orig_w, keys, cfg, epoch)
     s = sample_sizes(crops.height, crops.width, keys, cfg, epoch)
     n_full, n_kept = s["n_full"], s["n_kept"]
-    offsets, members = pack_partitioned(n_kept.astype(np.int64), cfg)
+    order = packing_order(keys, cfg.seed, epoch)  # (n,) plan positions in packing order
+    offsets, members = pack_partitioned(n_kept[order].astype(np.int64), cfg)
+    members = order[members]  # packing-order index → plan position
     if cfg.packing.exact_fill and cfg.token_drop.kind != "none":
         n_kept = binpack.exact_fill(offsets, members, n_kept, n_full, cfg.packing.seq_len).astype(np.int32)
     rejected = [
