@@ -99,7 +99,14 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     wd = load_checkpoint(tmp_path / "ddp").weights
     ws = load_checkpoint(tmp_path / "single").weights
     for k in ws:
-        torch.testing.assert_close(wd[k], ws[k], rtol=1e-3, atol=1e-5)
+        a, b = wd[k], ws[k]
+        if k.endswith("attn.qkv.bias"):
+            # The key bias adds q·b_k to every logit of a query alike, which softmax cancels: its true
+            # gradient is 0, what autograd returns is rounding noise, and AdamW scales noise up to
+            # lr-sized steps. Compare the query and value biases; the key bias carries no signal.
+            dim = a.numel() // 3
+            a, b = torch.cat([a[:dim], a[2 * dim :]]), torch.cat([b[:dim], b[2 * dim :]])
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     # Both ranks' data positions were saved (rank 1's stream is its own).
     meta = load_checkpoint(tmp_path / "ddp").meta
     assert meta["world_size"] == 2 and len(meta["data_positions"]) == 2
