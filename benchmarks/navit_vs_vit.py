@@ -58,7 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import NaViT, NaViTConfig  # noqa: E402
-from packer import decode  # noqa: E402
+from packer.build import decode  # noqa: E402
 from packer.config import DecodeConfig  # noqa: E402
 from packer.synth import ASPECT_CLASSES, ASPECT_SHAPES, synth_one  # noqa: E402
 from trainer.evaluate import target_grid  # noqa: E402

@@ -8,7 +8,7 @@ builder. Nothing here imports Ray.
 
 from __future__ import annotations
 
-from PIL import features
+from PIL import Image, features
 
 from packer.localfile import NotRegularFile
 
@@ -43,3 +43,20 @@ def unsupported_format(data: bytes) -> str | None:
     if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1"):
         return "HEIC is not supported by Pillow"
     return None
+
+
+def set_pillow_limit(max_pixels: int) -> None:
+    """Pin Pillow's process-wide decompression-bomb limit to ``decode.max_pixels``.
+
+    Pillow refuses images above twice its limit inside ``open()``. The limit is a global, so it is
+    set from the config on every scan or decode — never left at whatever an earlier call in the same
+    process chose — and a rejection reason then depends only on the file and the config."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def pillow_bomb_reason(max_pixels: int) -> str:
+    """The rejection reason when Pillow's own limit (2 x ``max_pixels``, see above) refuses a file."""
+    return (
+        f"decompression bomb: more than {2 * max_pixels} pixels "
+        f"(Pillow's hard limit; decode.max_pixels is {max_pixels})"
+    )

@@ -93,3 +93,15 @@ def test_ray_scan_equals_local_for_1_and_2_workers(tmp_path: Path, ray_session) 
         for field in ("image_id", "width", "height", "orientation"):
             np.testing.assert_array_equal(getattr(r, field), getattr(local, field), err_msg=field)
         assert r.format == local.format and r.reason == local.reason
+
+
+def test_bomb_reason_does_not_depend_on_an_earlier_scan_in_the_process(tmp_path: Path) -> None:
+    # Pillow's decompression-bomb limit is a process-wide global. A scan with a large
+    # decode.max_pixels used to lift it for good, so a later scan in the same process (but not a
+    # fresh Ray worker) worded the same rejection differently: plans differed by process history.
+    files = write_files(tmp_path, {"a.png": encode(Image.fromarray(smooth_rgb(40, 30)), "PNG")})
+    first = scan_headers_local([0], [str(files["a.png"])], max_pixels=500).reason[0]
+    scan_headers_local([0], [str(files["a.png"])], max_pixels=10**12)
+    again = scan_headers_local([0], [str(files["a.png"])], max_pixels=500).reason[0]
+    assert first == again
+    assert first.startswith("decompression bomb: more than 1000 pixels (Pillow's hard limit")

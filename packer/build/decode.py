@@ -30,7 +30,14 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from packer.config import DecodeConfig
-from packer.imagefile import EXIF_ORIENTATION, one_line, unreadable_reason, unsupported_format
+from packer.imagefile import (
+    EXIF_ORIENTATION,
+    one_line,
+    pillow_bomb_reason,
+    set_pillow_limit,
+    unreadable_reason,
+    unsupported_format,
+)
 from packer.localfile import open_regular
 
 RESAMPLE = Image.Resampling.BICUBIC
@@ -108,20 +115,14 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     missing = unsupported_format(data)
     if missing:
         raise DecodeError(missing)
-    if max_pixels > (Image.MAX_IMAGE_PIXELS or max_pixels):
-        # Pillow refuses images above 2x its own limit inside open(); a user who raised
-        # decode.max_pixels above that means it, so lift Pillow's limit (only ever upwards).
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    set_pillow_limit(max_pixels)
     try:
         with warnings.catch_warnings():
             # Our own limit below is the one that counts; Pillow's warning would be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise DecodeError(
-            f"decompression bomb: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels "
-            f"(Pillow's hard limit; decode.max_pixels is {max_pixels})"
-        ) from None
+        raise DecodeError(pillow_bomb_reason(max_pixels)) from None
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised file format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

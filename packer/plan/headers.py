@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from packer.imagefile import EXIF_ORIENTATION, one_line, unreadable_reason, unsupported_format
+from packer.imagefile import (
+    EXIF_ORIENTATION,
+    one_line,
+    pillow_bomb_reason,
+    set_pillow_limit,
+    unreadable_reason,
+    unsupported_format,
+)
 from packer.localfile import open_regular
 
 # Below this many files, starting embedded Ray (5-30 s) costs more than a local loop: measured ~0.4 ms
@@ -92,6 +99,7 @@ def _orientation(img: Image.Image) -> int:
 def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
     """(width, height, orientation, format) of one file, width/height as displayed (after EXIF
     orientation). Raises HeaderError with the reason. Reads only the header bytes."""
+    set_pillow_limit(max_pixels)
     try:
         f = _open_stream(path)
     except OSError as e:
@@ -116,10 +124,7 @@ def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
                 fmt = img.format or ""
                 orientation = _orientation(img)
         except Image.DecompressionBombError:
-            raise HeaderError(
-                f"decompression bomb: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels "
-                f"(Pillow's hard limit; decode.max_pixels is {max_pixels})"
-            ) from None
+            raise HeaderError(pillow_bomb_reason(max_pixels)) from None
         except UnidentifiedImageError:
             raise HeaderError("not an image (unrecognised file format)") from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
@@ -143,8 +148,7 @@ def _scan_rows(image_ids: np.ndarray, paths: Sequence[str], max_pixels: int) -> 
         "format": [""] * n,
         "reason": [""] * n,
     }
-    if max_pixels > (Image.MAX_IMAGE_PIXELS or max_pixels):
-        Image.MAX_IMAGE_PIXELS = max_pixels  # a user who raised decode.max_pixels means it
+    set_pillow_limit(max_pixels)
     for i, p in enumerate(paths):
         try:
             w, h, o, fmt = read_header(p, max_pixels)
