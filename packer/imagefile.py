@@ -8,6 +8,9 @@ builder. Nothing here imports Ray.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from PIL import Image, features
 
 from packer.localfile import NotRegularFile
@@ -45,13 +48,20 @@ def unsupported_format(data: bytes) -> str | None:
     return None
 
 
-def set_pillow_limit(max_pixels: int) -> None:
-    """Pin Pillow's process-wide decompression-bomb limit to ``decode.max_pixels``.
+@contextmanager
+def pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Within the block, Pillow's decompression-bomb limit is ``decode.max_pixels``; restored after.
 
-    Pillow refuses images above twice its limit inside ``open()``. The limit is a global, so it is
-    set from the config on every scan or decode — never left at whatever an earlier call in the same
-    process chose — and a rejection reason then depends only on the file and the config."""
+    Pillow refuses images above twice its limit inside ``open()``, and the limit is a process-wide
+    global. Setting it from the config around each open (never leaving it changed) makes a rejection
+    reason depend only on the file and the config, not on what ran earlier in the process, and leaves
+    other users of Pillow in the process alone."""
+    saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def pillow_bomb_reason(max_pixels: int) -> str:

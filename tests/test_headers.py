@@ -100,8 +100,10 @@ def test_bomb_reason_does_not_depend_on_an_earlier_scan_in_the_process(tmp_path:
     # decode.max_pixels used to lift it for good, so a later scan in the same process (but not a
     # fresh Ray worker) worded the same rejection differently: plans differed by process history.
     files = write_files(tmp_path, {"a.png": encode(Image.fromarray(smooth_rgb(40, 30)), "PNG")})
+    limit_before = Image.MAX_IMAGE_PIXELS
     first = scan_headers_local([0], [str(files["a.png"])], max_pixels=500).reason[0]
     scan_headers_local([0], [str(files["a.png"])], max_pixels=10**12)
     again = scan_headers_local([0], [str(files["a.png"])], max_pixels=500).reason[0]
     assert first == again
+    assert limit_before == Image.MAX_IMAGE_PIXELS  # other Pillow users in the process are left alone
     assert first.startswith("decompression bomb: more than 1000 pixels (Pillow's hard limit")

@@ -34,7 +34,7 @@ from packer.imagefile import (
     EXIF_ORIENTATION,
     one_line,
     pillow_bomb_reason,
-    set_pillow_limit,
+    pillow_limit,
     unreadable_reason,
     unsupported_format,
 )
@@ -115,9 +115,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     missing = unsupported_format(data)
     if missing:
         raise DecodeError(missing)
-    set_pillow_limit(max_pixels)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), pillow_limit(max_pixels):
             # Our own limit below is the one that counts; Pillow's warning would be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))

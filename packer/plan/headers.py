@@ -27,7 +27,7 @@ from packer.imagefile import (
     EXIF_ORIENTATION,
     one_line,
     pillow_bomb_reason,
-    set_pillow_limit,
+    pillow_limit,
     unreadable_reason,
     unsupported_format,
 )
@@ -99,7 +99,6 @@ def _orientation(img: Image.Image) -> int:
 def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
     """(width, height, orientation, format) of one file, width/height as displayed (after EXIF
     orientation). Raises HeaderError with the reason. Reads only the header bytes."""
-    set_pillow_limit(max_pixels)
     try:
         f = _open_stream(path)
     except OSError as e:
@@ -116,7 +115,7 @@ def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
         if missing:
             raise HeaderError(missing)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), pillow_limit(max_pixels):
                 # The limit that counts is decode.max_pixels below, checked on the header's size.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(f)
@@ -148,7 +147,6 @@ def _scan_rows(image_ids: np.ndarray, paths: Sequence[str], max_pixels: int) -> 
         "format": [""] * n,
         "reason": [""] * n,
     }
-    set_pillow_limit(max_pixels)
     for i, p in enumerate(paths):
         try:
             w, h, o, fmt = read_header(p, max_pixels)
