@@ -8,10 +8,11 @@ builder. Nothing here imports Ray.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import struct
+import warnings
+from typing import Any
 
-from PIL import Image, features
+from PIL import Image, UnidentifiedImageError, features
 
 from packer.localfile import NotRegularFile
 
@@ -48,25 +49,37 @@ def unsupported_format(data: bytes) -> str | None:
     return None
 
 
-@contextmanager
-def pillow_limit(max_pixels: int) -> Iterator[None]:
-    """Within the block, Pillow's decompression-bomb limit is ``decode.max_pixels``; restored after.
+class ImageHeaderError(Exception):
+    """A header Pillow cannot open; ``reason`` is one user-readable line."""
 
-    Pillow refuses images above twice its limit inside ``open()``, and the limit is a process-wide
-    global. Setting it from the config around each open (never leaving it changed) makes a rejection
-    reason depend only on the file and the config, not on what ran earlier in the process, and leaves
-    other users of Pillow in the process alone."""
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def open_image_header(fp: Any, max_pixels: int) -> Image.Image:
+    """``Image.open`` on a file object: parses the header only, no pixel decoded. The header scan and
+    the decoder both open images here, so they reject the same files with the same words.
+
+    Pillow refuses images above twice its limit inside ``open()``, and that limit is a process-wide
+    global: it is set to ``decode.max_pixels`` for this call only and restored, so a reason depends on
+    the file and the config alone, never on what ran earlier in the process, and other users of Pillow
+    are left alone. The callers' own check of the header's size against ``max_pixels`` is the limit
+    that counts, so Pillow's warning below twice the limit is silenced."""
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fp)
+    except Image.DecompressionBombError:
+        raise ImageHeaderError(
+            f"decompression bomb: more than {2 * max_pixels} pixels "
+            f"(Pillow's hard limit; decode.max_pixels is {max_pixels})"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageHeaderError("not an image (unrecognised file format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise ImageHeaderError(f"corrupt image header: {one_line(e)}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
-
-
-def pillow_bomb_reason(max_pixels: int) -> str:
-    """The rejection reason when Pillow's own limit (2 x ``max_pixels``, see above) refuses a file."""
-    return (
-        f"decompression bomb: more than {2 * max_pixels} pixels "
-        f"(Pillow's hard limit; decode.max_pixels is {max_pixels})"
-    )

@@ -23,18 +23,17 @@ records it as a rejection. Nothing here imports Ray.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile
 
 from packer.config import DecodeConfig
 from packer.imagefile import (
     EXIF_ORIENTATION,
+    ImageHeaderError,
     one_line,
-    pillow_bomb_reason,
-    pillow_limit,
+    open_image_header,
     unreadable_reason,
     unsupported_format,
 )
@@ -116,16 +115,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     if missing:
         raise DecodeError(missing)
     try:
-        with warnings.catch_warnings(), pillow_limit(max_pixels):
-            # Our own limit below is the one that counts; Pillow's warning would be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise DecodeError(pillow_bomb_reason(max_pixels)) from None
-    except UnidentifiedImageError:
-        raise DecodeError("not an image (unrecognised file format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DecodeError(f"corrupt image header: {one_line(e)}") from None
+        img = open_image_header(io.BytesIO(data), max_pixels)
+    except ImageHeaderError as e:
+        raise DecodeError(e.reason) from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise DecodeError(f"corrupt image header: size {w}x{h}")

@@ -14,20 +14,18 @@ cluster or starting embedded Ray; results sorted by image_id, so worker count do
 from __future__ import annotations
 
 import logging
-import struct
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from packer.imagefile import (
     EXIF_ORIENTATION,
+    ImageHeaderError,
     one_line,
-    pillow_bomb_reason,
-    pillow_limit,
+    open_image_header,
     unreadable_reason,
     unsupported_format,
 )
@@ -115,19 +113,12 @@ def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
         if missing:
             raise HeaderError(missing)
         try:
-            with warnings.catch_warnings(), pillow_limit(max_pixels):
-                # The limit that counts is decode.max_pixels below, checked on the header's size.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(f)
-                w, h = img.size
-                fmt = img.format or ""
-                orientation = _orientation(img)
-        except Image.DecompressionBombError:
-            raise HeaderError(pillow_bomb_reason(max_pixels)) from None
-        except UnidentifiedImageError:
-            raise HeaderError("not an image (unrecognised file format)") from None
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-            raise HeaderError(f"corrupt image header: {one_line(e)}") from None
+            img = open_image_header(f, max_pixels)
+        except ImageHeaderError as e:
+            raise HeaderError(e.reason) from None
+        w, h = img.size
+        fmt = img.format or ""
+        orientation = _orientation(img)
     if w <= 0 or h <= 0:
         raise HeaderError(f"corrupt image header: size {w}x{h}")
     if w * h > max_pixels:
