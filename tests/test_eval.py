@@ -4,11 +4,10 @@ pack, as a table, JSON and a plot; bad arguments are one-line errors."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
-from train_fixtures import trained_run, write_image_folder
+from train_fixtures import run_cli, trained_run, write_image_folder
 
 from packer.errors import NavitError
 from trainer.evaluate import parse_resolutions, target_grid
@@ -24,27 +23,12 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
-def _cli(argv, capsys):
-    from cli.main import main
-
-    old = sys.argv
-    sys.argv = ["navit", *argv]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr()
-
-
 @pytest.mark.slow
 def test_eval_two_resolutions_json_and_plot(tmp_path_factory, tmp_path, capsys):
     t = trained_run(tmp_path_factory)
     folder = write_image_folder(tmp_path / "val", t["val_images"], t["val_labels"])
     plot = tmp_path / "acc.png"
-    code, cap = _cli(
+    code, cap = run_cli(
         ["eval", str(folder), "--checkpoint", str(t["run"]), "--resolutions", "32,native", "--json"]
         + ["--plot", str(plot), "--device", "cpu"],
         capsys,
@@ -62,13 +46,13 @@ def test_eval_two_resolutions_json_and_plot(tmp_path_factory, tmp_path, capsys):
     assert res["32"]["tokens_per_image"] > res["native"]["tokens_per_image"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    code, cap = _cli(["eval", str(t["pack"]), "--checkpoint", str(t["run"]), "--device", "cpu"], capsys)
+    code, cap = run_cli(["eval", str(t["pack"]), "--checkpoint", str(t["run"]), "--device", "cpu"], capsys)
     assert code == 0, cap.err
     assert "pack" in cap.out and "top-1" in cap.out
 
 
 def test_eval_bad_arguments(tmp_path, capsys):
-    code, cap = _cli(["eval", str(tmp_path), "--checkpoint", str(tmp_path / "none")], capsys)
+    code, cap = run_cli(["eval", str(tmp_path), "--checkpoint", str(tmp_path / "none")], capsys)
     assert code == 2 and "not a checkpoint directory" in cap.err and cap.err.strip().count("\n") == 0
     with pytest.raises(NavitError, match="'big'"):
         parse_resolutions("64,big")

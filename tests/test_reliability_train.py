@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from train_fixtures import make_images, tiny_train_config, write_pack
+from train_fixtures import make_images, run_cli, tiny_train_config, write_pack
 
 from trainer import checkpoint as ck
 from trainer.data import open_source
@@ -151,23 +151,6 @@ def test_resume_leaves_one_metrics_record_per_step(one_thread, tmp_path, small_p
 # ---- CLI helpers -----------------------------------------------------------------------------------
 
 
-def _cli(argv, capsys):
-    import sys
-
-    from cli.main import main
-
-    old = sys.argv
-    sys.argv = ["navit", *argv]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr()
-
-
 TINY = ["--set", "model.overrides={depth: 1, dim: 32, heads: 2}", "--device", "cpu", "--batch-size", "2"]
 
 
@@ -175,7 +158,7 @@ TINY = ["--set", "model.overrides={depth: 1, dim: 32, heads: 2}", "--device", "c
 
 
 def test_short_run_clamps_the_default_warmup_and_says_so(one_thread, tmp_path, small_pack, capsys):
-    code, cap = _cli(
+    code, cap = run_cli(
         ["train", "--data", str(small_pack), "--out", str(tmp_path / "r"), "--steps", "10", *TINY], capsys
     )
     assert code == 0, cap.err
@@ -184,7 +167,7 @@ def test_short_run_clamps_the_default_warmup_and_says_so(one_thread, tmp_path, s
     meta = ck.load_checkpoint(tmp_path / "r").meta
     assert meta["config"]["schedule"] == {**meta["config"]["schedule"], "steps": 10, "warmup_steps": 1}
     # Resuming (here: extending the run) keeps the run's warmup rather than clamping anew.
-    code, cap = _cli(
+    code, cap = run_cli(
         [
             "train",
             "--data",
@@ -203,7 +186,7 @@ def test_short_run_clamps_the_default_warmup_and_says_so(one_thread, tmp_path, s
 
 
 def test_warmup_flag_longer_than_the_run_is_named(tmp_path, small_pack, capsys):
-    code, cap = _cli(
+    code, cap = run_cli(
         [
             "train",
             "--data",
@@ -234,7 +217,7 @@ def test_bad_out_is_refused_in_one_line(tmp_path, small_pack, capsys, case):
     out = {"file": tmp_path / "f", "under_file": tmp_path / "f" / "run", "foreign_dir": tmp_path / "photos"}[
         case
     ]
-    code, cap = _cli(
+    code, cap = run_cli(
         ["train", "--data", str(small_pack), "--out", str(out), "--steps", "2", "--warmup", "1", *TINY],
         capsys,
     )
@@ -249,7 +232,9 @@ def test_out_of_an_unfinished_run_starts_afresh(one_thread, tmp_path, small_pack
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n{"step": 1, "loss": 9.0}\n')
-    code, cap = _cli(["train", "--data", str(small_pack), "--out", str(run), "--steps", "2", *TINY], capsys)
+    code, cap = run_cli(
+        ["train", "--data", str(small_pack), "--out", str(run), "--steps", "2", *TINY], capsys
+    )
     assert code == 0, cap.err
     assert [r["step"] for r in _step_records(run)] == [2]
     assert all(r["loss"] != 9.0 for r in _step_records(run))
@@ -270,7 +255,7 @@ def test_truncated_shard_without_verify_is_one_line(tmp_path, small_pack, capsys
     shard = pack / idx["shards"][1]["file"]
     shard.write_bytes(shard.read_bytes()[:300])
     argv = ["train", "--data", str(pack), "--out", str(tmp_path / "r"), "--steps", "2", "--warmup", "1"]
-    code, cap = _cli([*argv, *TINY, "--set", "data.verify=false"], capsys)
+    code, cap = run_cli([*argv, *TINY, "--set", "data.verify=false"], capsys)
     assert code == 2, cap.err
     assert cap.err.strip().count("\n") == 0 and idx["shards"][1]["file"] in cap.err, cap.err
     assert "Traceback" not in cap.err
@@ -332,7 +317,7 @@ def test_batch_larger_than_the_pack_is_refused(tmp_path, small_pack, capsys):
         with pytest.raises(ConfigError, match="with 2 processes a rank reads only"):
             open_source(str(small_pack), batch_size=rows // 2 + 2, seed=0, rank=rank, world_size=2)
     argv = ["train", "--data", str(small_pack), "--out", str(tmp_path / "r"), "--steps", "2", "--warmup", "1"]
-    code, cap = _cli([*argv, *TINY, "--batch-size", "100000"], capsys)
+    code, cap = run_cli([*argv, *TINY, "--batch-size", "100000"], capsys)
     assert code == 2 and cap.err.strip().count("\n") == 0 and "--batch-size 100000" in cap.err, cap.err
     assert not (tmp_path / "r").exists()
 

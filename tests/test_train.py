@@ -5,11 +5,10 @@ one line."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
-from train_fixtures import make_images, tiny_train_config, trained_run, write_pack
+from train_fixtures import make_images, run_cli, tiny_train_config, trained_run, write_pack
 
 from packer.errors import NavitError
 from trainer import checkpoint as ck
@@ -102,23 +101,8 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, small_pack, monkeypatch)
     assert [p.name for p in ck.list_checkpoints(tmp_path / "n")] == ["step-00000003", "step-00000006"]
 
 
-def _cli(argv, capsys):
-    from cli.main import main
-
-    old = sys.argv
-    sys.argv = ["navit", *argv]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr()
-
-
 def test_cli_bad_data_dir_is_one_line(tmp_path, capsys):
-    code, cap = _cli(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")], capsys)
+    code, cap = run_cli(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")], capsys)
     assert code == 2
     assert cap.err.strip().count("\n") == 0 and "no index.json" in cap.err
     assert not (tmp_path / "run").exists()
@@ -132,7 +116,7 @@ def test_cli_train_writes_metrics_and_summary(tmp_path, capsys):
     argv = ["train", "--data", str(pack), "--out", str(tmp_path / "run"), "--config", str(cfg)]
     argv += ["--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu", "--seed", "3"]
     argv += ["--set", "schedule.warmup_steps=1", "--checkpoint-every", "2"]
-    code, cap = _cli(argv, capsys)
+    code, cap = run_cli(argv, capsys)
     assert code == 0, cap.err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["images"] > 0
@@ -156,7 +140,7 @@ def test_live_mode_trains_a_few_steps(ray_session, tmp_path, capsys):
     argv += ["--seq-len", "64", "--patch-size", "16", "--resolution", "uniform:32:64"]
     # --set keys go to the train config or the live pack config by their first segment.
     argv += ["--set", "model.overrides={depth: 1, dim: 32, heads: 2}", "--set", "output.shard_rows=4"]
-    code, cap = _cli(argv, capsys)
+    code, cap = run_cli(argv, capsys)
     assert code == 0, cap.err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["images"] > 0

@@ -174,3 +174,21 @@ def trained_run(tmp_path_factory, steps: int = 200) -> dict:
     }
     tmp_path_factory._navit_trained = cache
     return cache
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int | str | None, object]:
+    """Run ``navit ARGV`` in-process: (exit code, captured stdout/stderr)."""
+    import sys
+
+    from cli.main import main
+
+    old = sys.argv
+    sys.argv = ["navit", *argv]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr()
