@@ -27,7 +27,7 @@ from cli.common import (
     pack_config_from_flags,
     pack_flags,
 )
-from packer.errors import NavitError
+from packer.errors import NavitError, Terminated
 
 
 class _Reporter:
@@ -219,6 +219,12 @@ def pack(
         result = run_pack(
             source, out, cfg, workers=workers, ray_address=ray_address, resume=resume, progress=reporter
         )
+    except (KeyboardInterrupt, Terminated) as e:  # Ctrl-C or SIGTERM: one line that says what is kept
+        kept = "the shards already written are kept; run the same command with --resume to finish"
+        if isinstance(e, Terminated):
+            raise Terminated(kept) from None  # cli.main prints it, exit code 143
+        typer.echo(f"interrupted: {kept}", err=True)  # typer then exits with 130
+        raise
     finally:
         reporter.close()
     typer.echo(render_summary(result, out))

@@ -21,10 +21,14 @@ def stats(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="write a multi-panel PNG of the distributions here")
     ] = None,
+    no_verify: Annotated[
+        bool,
+        typer.Option("--no-verify", help="skip the sha256 check of every shard (it reads every byte)"),
+    ] = False,
 ) -> None:
     """Sequences, tokens, padding, lower bound, per-image distributions, labels, rejections and a
-    cross-check of index.json against the shards, read from metadata only (never the pixels).
-    Exits 1 with a WARNING when index.json or images.parquet disagree with the shards."""
+    cross-check of index.json against the shards, from metadata, plus every shard's sha256
+    (--no-verify skips it). Exits 1 with a WARNING when something disagrees or is corrupt."""
     from packer.analysis.load import load_pack
     from packer.analysis.render import render_comparison, render_text
     from packer.analysis.stats import build_report
@@ -35,7 +39,7 @@ def stats(
         raise NavitError("a directory is given twice")
     if plot is not None and plot.suffix.lower() != ".png":
         raise NavitError(f"--plot {plot}: expected a .png file name")
-    packs = [load_pack(d) for d in dirs]
+    packs = [load_pack(d, verify=not no_verify) for d in dirs]
     reports = [build_report(p) for p in packs]
     if as_json:
         obj = reports[0] if len(reports) == 1 else {r["dir"]: r for r in reports}
@@ -52,14 +56,13 @@ def stats(
         except OSError as e:
             raise NavitError(f"cannot write --plot {plot}: {e.strerror or e}") from None
         typer.echo(f"wrote {plot}", err=as_json)
-    bad = [r["dir"] for r in reports if not r["consistency"]["ok"]]
-    if bad:
+    bad = [r for r in reports if not r["consistency"]["ok"]]
+    for r in bad:
         # On stderr too, so a --json consumer or a script sees it without parsing the report.
-        typer.secho(
-            f"WARNING: index.json disagrees with the shards in {', '.join(bad)} (see 'consistency')",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
+        problems = r["consistency"]["problems"]
+        more = f" (and {len(problems) - 1} more, see 'consistency')" if len(problems) > 1 else ""
+        typer.secho(f"WARNING: {r['dir']}: {problems[0]}{more}", fg=typer.colors.YELLOW, err=True)
+    if bad:
         sys.exit(1)
 
 

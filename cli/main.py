@@ -4,11 +4,12 @@ heavy imports (Ray, torch) happen inside the commands so `navit --help` stays fa
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import typer
 
-from packer.errors import NavitError
+from packer.errors import NavitError, Terminated
 
 app = typer.Typer(
     name="navit",
@@ -47,14 +48,23 @@ for _name in COMMAND_MODULES:
     _mod.register(app)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    """Console-script entry point: user errors become one line on stderr and exit code 2; SIGTERM
+    one line and exit code 143, as a shell reports a process it stopped (commands may say what they kept)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except NavitError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except Terminated as e:
+        typer.secho(f"terminated (SIGTERM): {e.args[0]}" if e.args else "terminated (SIGTERM)", err=True)
+        sys.exit(143)
+    except KeyboardInterrupt:  # (typer already turns Ctrl-C inside a command into exit 130)
         typer.secho("interrupted", err=True)
         sys.exit(130)
 

@@ -11,3 +11,9 @@ class ConfigError(NavitError):
 
 class DataError(NavitError):
     """A data directory that is missing, corrupt, or of an unknown format version."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's or supervisor's stop), raised in the main thread by the handler the CLI
+    installs. Not a KeyboardInterrupt: typer turns those into a silent exit 130, and a SIGTERM must
+    end with its one line and exit code 143 (``except BaseException`` clean-ups run for both)."""

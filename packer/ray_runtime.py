@@ -32,6 +32,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     }
     if address:
         enable_token_auth_if_available()
+    keep = _python_signal_handlers()
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -43,7 +44,33 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             f"{auth_token_source() or 'none found'}; a cluster with token authentication needs the "
             f"head's token in RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
         ) from None
+    finally:
+        _restore_signal_handlers(keep)
     _quiet_ray_data()
+
+
+def _python_signal_handlers() -> dict[int, object]:
+    """The Python handlers set for SIGTERM/SIGINT (e.g. the CLI's one-line SIGTERM exit). Ray's core
+    worker installs its own C-level handler for SIGTERM in ``ray.init`` — a stack dump and abort
+    (exit 134) in place of the caller's clean stop — so they are put back after it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    wanted = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if callable(handler) and handler is not signal.default_int_handler:
+            wanted[sig] = handler
+    return wanted
+
+
+def _restore_signal_handlers(handlers: dict[int, object]) -> None:
+    import signal
+
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 def _join_errors(ray) -> tuple[type[BaseException], ...]:

@@ -29,6 +29,7 @@ One shard row = one packed sequence of ``seq_len`` tokens:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,11 +40,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from packer.errors import DataError
+from packer.images_file import read_images  # noqa: F401  (images.parquet, older packs included)
+from packer.shard_checks import (  # noqa: F401  (what every reader checks: part of this contract)
+    RowLimits,
+    check_crc_metadata,
+    check_rows,
+    crc_metadata,
+    label_problem,
+    row_problem,
+)
 
 FORMAT_NAME = "navit-packed"
 FORMAT_VERSION = 1
@@ -129,39 +138,6 @@ IMAGES_SCHEMA = pa.schema(
     ]
 )
 AUGMENT_COLUMNS = ("crop_x0", "crop_y0", "crop_x1", "crop_y1", "hflip")
-
-
-def read_images(data_dir: str, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
-    """Read ``images.parquet`` (optionally some columns / a pyarrow ``filters`` expression), with the
-    augmentation columns filled in for packs written before they existed: those packs never
-    augmented, so every planned image's crop is the whole image (0, 0, orig_w, orig_h), unflipped.
-    DataError (one line) if the file is missing or unreadable."""
-    fs, base = resolve_fs(data_dir)
-    path = join(base, IMAGES_FILE)
-    try:
-        with fs.open_input_file(path) as f:
-            present = set(pq.read_schema(f).names)
-            wanted = list(columns) if columns is not None else [fld.name for fld in IMAGES_SCHEMA]
-            missing = [c for c in wanted if c in AUGMENT_COLUMNS and c not in present]
-            read = [c for c in wanted if c in present]
-            if missing:
-                read += [c for c in ("orig_h", "orig_w", "grid_h") if c not in read]
-            table = pq.read_table(f, columns=read, filters=filters)
-    except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"{data_dir}/{IMAGES_FILE}: cannot be read ({str(e).splitlines()[0]})") from None
-    if missing:
-        planned = pc.greater_equal(table.column("grid_h"), 0)
-        fill = {
-            "crop_x0": pc.if_else(planned, 0, -1),
-            "crop_y0": pc.if_else(planned, 0, -1),
-            "crop_x1": pc.if_else(planned, table.column("orig_w"), -1),
-            "crop_y1": pc.if_else(planned, table.column("orig_h"), -1),
-            "hflip": pa.array(np.zeros(table.num_rows, bool)),
-        }
-        for c in missing:
-            field = IMAGES_SCHEMA.field(c)
-            table = table.append_column(field, fill[c].cast(field.type))
-    return table.select(wanted)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,11 +251,16 @@ def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) 
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # disk full, interrupted: no temp file is left to fill the disk
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     else:
         with fs.open_output_stream(path) as f:
             f.write(data)
@@ -295,17 +276,33 @@ def table_to_parquet_buffer(table: pa.Table, row_group_rows: int = ROW_GROUP_ROW
     """:func:`table_to_parquet_bytes` without the final copy into ``bytes`` (same content); a
     ``pa.Buffer`` can be hashed and written directly (it supports the buffer protocol)."""
     sink = pa.BufferOutputStream()
-    compression = {name: ("none" if name == "patches" else "zstd") for name in table.column_names}
     pq.write_table(
         table,
         sink,
         row_group_size=row_group_rows,
-        compression=compression,
+        compression={path: _codec(path) for field in table.schema for path in _leaf_paths(field)},
         use_dictionary=False,
         write_statistics=False,
         store_schema=True,
+        write_page_checksum=True,  # a CRC32 per page, checked by every reader (open_shard)
     )
     return sink.getvalue()
+
+
+def _codec(leaf_path: str) -> str:
+    return "none" if leaf_path == "patches" else "zstd"
+
+
+def _leaf_paths(field: pa.Field) -> list[str]:
+    """The Parquet column paths of an Arrow field, as per-column writer options are keyed: a list
+    column ``labels`` is the leaf ``labels.list.element`` (keyed by ``labels`` it was left
+    uncompressed)."""
+    t = field.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return [f"{field.name}.list.{p}" for p in _leaf_paths(pa.field("element", t.value_type))]
+    if pa.types.is_struct(t):
+        return [f"{field.name}.{p}" for i in range(t.num_fields) for p in _leaf_paths(t.field(i))]
+    return [field.name]
 
 
 def sha256_bytes(data: bytes | pa.Buffer) -> str:
@@ -413,9 +410,10 @@ def open_shard(data_dir: str, file: str, memory_map: bool = True) -> pq.ParquetF
     """Open one shard for row-group reads (memory-mapped when local)."""
     fs, base = resolve_fs(data_dir)
     path = join(base, file)
+    # Every read checks the page CRC32s the writer stores (shards written before it did have none).
     if isinstance(fs, pafs.LocalFileSystem):
-        return pq.ParquetFile(path, memory_map=memory_map)
-    return pq.ParquetFile(fs.open_input_file(path))
+        return pq.ParquetFile(path, memory_map=memory_map, page_checksum_verification=True)
+    return pq.ParquetFile(fs.open_input_file(path), page_checksum_verification=True)
 
 
 def iter_row_groups(

@@ -165,11 +165,12 @@ class FlightDataClient:
             ticket = {"epoch": epoch, "rank": rank, "world_size": world_size, "start_row": done}
             try:
                 reader = self._client.do_get(fl.Ticket(json.dumps(ticket).encode()), options=self._options)
-                _check_stream_schema(reader.schema, self.uri)
+                limits = _check_stream_schema(reader.schema, self.uri)
                 for chunk in reader:
                     batch = chunk.data
                     if batch.num_rows == 0:
                         continue
+                    _check_batch(batch, chunk.app_metadata, limits, f"{self.uri}: epoch {epoch} row {done}")
                     failures = 0
                     done += batch.num_rows
                     yield batch
@@ -184,7 +185,17 @@ class FlightDataClient:
                 raise self._error(e) from None
 
 
-def _check_stream_schema(sch: pa.Schema, uri: str) -> None:
+def _check_batch(batch: pa.RecordBatch, app_metadata: Any, limits: schema.RowLimits, where: str) -> None:
+    """Every batch is checked before it is used: the CRC32 of each row that the server sends beside
+    it (corruption in transit or in the server's memory; servers before it send none) and the
+    bounds of its metadata (a corrupt label or grid must not size anything)."""
+    problem = schema.check_crc_metadata(batch, app_metadata)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    schema.check_rows(batch, limits, where)
+
+
+def _check_stream_schema(sch: pa.Schema, uri: str) -> schema.RowLimits:
     meta = sch.metadata or {}
     if meta.get(b"format") != schema.FORMAT_NAME.encode():
         raise DataError(f"{uri}: the stream is not navit packed rows (schema format {meta.get(b'format')!r})")
@@ -195,6 +206,7 @@ def _check_stream_schema(sch: pa.Schema, uri: str) -> None:
         )
     index = {k: int(meta[k.encode()]) for k in ("seq_len", "patch_size", "channels")}
     schema.check_schema(sch, index)
+    return schema.RowLimits(seq_len=index["seq_len"])
 
 
 def flight_batches(

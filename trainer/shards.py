@@ -78,6 +78,7 @@ def open_shard_set(data_dir: str, verify: bool = True) -> ShardSet:
             raise DataError(f"{data_dir}: {problems[0]}{more}")
     files, epochs, groups = [], [], []
     max_label = -1
+    limits = schema.RowLimits.from_index(index)
     for entry in shards:
         try:
             pf = schema.open_shard(data_dir, entry["file"])
@@ -107,6 +108,9 @@ def open_shard_set(data_dir: str, verify: bool = True) -> ShardSet:
             raise DataError(
                 f"{data_dir}/{entry['file']}: cannot read ({_first_line(e)}){_UNVERIFIED}"
             ) from None
+        problem = schema.label_problem(labels.to_numpy(zero_copy_only=False), limits)
+        if problem:  # the head is sized from the largest label: never from a corrupt one
+            raise DataError(f"{data_dir}/{entry['file']}: {problem} (corrupt shard metadata){_UNVERIFIED}")
         if len(labels):
             max_label = max(max_label, int(pa.compute.max(labels).as_py()))
         files.append(entry["file"])
@@ -217,6 +221,7 @@ class _RowReader:
         self.wanted: dict[tuple[int, int], list[int]] = {}
         self.files: dict[int, Any] = {}
         self.bytes_read = 0
+        self.limits = schema.RowLimits.from_index(shards.index)
 
     def expect(self, rows: np.ndarray) -> None:
         for s, r in rows.tolist():
@@ -234,14 +239,15 @@ class _RowReader:
     def get(self, s: int, r: int) -> Rows:
         if (s, r) not in self.pending:
             g = int(np.searchsorted(self.offsets[s], r, side="right")) - 1
-            try:
+            where = f"{self.shards.root}/{self.shards.files[s]}"
+            try:  # page CRC32s are verified as the row group is read (schema.open_shard)
                 table = self._file(s).read_row_group(g)
-                arrays = Rows.from_arrow(table)
             except (OSError, pa.ArrowException) as e:  # a shard damaged after (or without) verify
-                where = f"{self.shards.root}/{self.shards.files[s]}"
                 raise DataError(
                     f"{where}: row group {g} unreadable ({_first_line(e)}){_UNVERIFIED}"
                 ) from None
+            schema.check_rows(table, self.limits, f"{where}: row group {g}")
+            arrays = Rows.from_arrow(table)
             self.bytes_read += table.nbytes
             base = int(self.offsets[s][g])
             wanted = self.wanted.pop((s, g), [])

@@ -108,9 +108,8 @@ def _flat(col: pa.ChunkedArray) -> np.ndarray:
     return _np(col.combine_chunks().flatten())
 
 
-def _read_shard_meta(pf: pq.ParquetFile, seq_len: int) -> dict[str, np.ndarray]:
-    """Segment lengths, padding and per-segment lists of one shard, read column-wise."""
-    table = pf.read(columns=STATS_COLUMNS)
+def _read_shard_meta(table: pa.Table, seq_len: int) -> dict[str, np.ndarray]:
+    """Segment lengths, padding and per-segment lists of one shard (its STATS_COLUMNS)."""
     n = table.num_rows
     seg = _flat(table.column("segment_ids")).reshape(n, seq_len)  # (R, L) int16
     n_seg = _np(pc.list_value_length(table.column("image_ids"))).astype(np.int64)  # (R,)
@@ -147,12 +146,20 @@ def _layout_problems(seg: np.ndarray, counts: np.ndarray, n_seg: np.ndarray) -> 
 
 
 def _scan_shard(
-    data_dir: str, index: dict[str, Any], k: int, entry: dict[str, Any]
+    data_dir: str, index: dict[str, Any], k: int, entry: dict[str, Any], verify: bool
 ) -> tuple[dict[str, np.ndarray] | None, list[str]]:
     """One shard's metadata summary (no per-token arrays kept beyond the layout head) and its
-    problems against its index.json entry."""
+    problems against its index.json entry (with ``verify``, its sha256 too)."""
     seq_len = int(index["seq_len"])
     name = entry.get("file", f"<shard {k}>")
+    corrupt = []
+    if verify and "sha256" in entry:  # the only check that sees every byte (pixels included)
+        fs, base = schema.resolve_fs(data_dir)
+        try:
+            if schema.sha256_file(fs, schema.join(base, name)) != entry["sha256"]:
+                corrupt = [f"{name}: checksum mismatch (the file changed or is corrupt since it was packed)"]
+        except (FileNotFoundError, OSError):
+            pass  # reported below as unreadable
     try:
         pf = schema.open_shard(data_dir, name)
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
@@ -160,9 +167,17 @@ def _scan_shard(
     try:
         schema.check_schema(pf.schema_arrow, index)
     except DataError as e:
-        return None, [f"{name}: {e}"]
-    m = _read_shard_meta(pf, seq_len)
-    problems = []
+        return None, [*corrupt, f"{name}: {e}"]
+    try:  # page CRC32s are verified as the columns are read (schema.open_shard)
+        table = pf.read(columns=STATS_COLUMNS)
+    except (OSError, pa.ArrowException) as e:
+        return None, [*corrupt, f"{name}: cannot be read ({_short(e)})"]
+    # Bounds first: a corrupt grid or label must not reach the histograms (or size an array).
+    problem = schema.row_problem(table, schema.RowLimits.from_index(index))
+    if problem:
+        return None, [*corrupt, f"{name}: {problem} (corrupt shard metadata)"]
+    m = _read_shard_meta(table, seq_len)
+    problems = corrupt
     rows = len(m["n_seg"])
     images = int(m["n_seg"].sum())
     m["row_real"] = seq_len - m["counts"][:, 0]
@@ -182,9 +197,11 @@ def _scan_shard(
     return m, problems
 
 
-def load_pack(data_dir: str) -> PackData:
-    """Read a pack's metadata. Missing or unreadable shards become consistency problems, not errors;
-    a missing or invalid index.json is a DataError (not a pack)."""
+def load_pack(data_dir: str, verify: bool = True) -> PackData:
+    """Read a pack's metadata. Missing, unreadable or corrupt shards become consistency problems,
+    not errors; a missing or invalid index.json is a DataError (not a pack). ``verify`` also checks
+    every shard's sha256 against index.json (reads every byte once; without it a flipped pixel byte
+    goes unseen, as stats reads no pixel)."""
     index = schema.read_index(data_dir)
     seq_len, p = int(index["seq_len"]), int(index["patch_size"])
     problems: list[str] = []
@@ -193,7 +210,7 @@ def load_pack(data_dir: str) -> PackData:
     shard_epoch: list[int] = []
     # Shards are read in a small thread pool: Parquet decoding and the numpy passes release the GIL.
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        results = pool.map(lambda ke: _scan_shard(data_dir, index, *ke), enumerate(index["shards"]))
+        results = pool.map(lambda ke: _scan_shard(data_dir, index, *ke, verify), enumerate(index["shards"]))
         for k, (m, shard_problems) in enumerate(results):
             problems += shard_problems
             if m is None:

@@ -140,6 +140,8 @@ def read_row(data_dir: str, row: int, shard: int | None = None) -> RowView:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{data_dir}/{entry['file']}: cannot read row {r} ({why})") from None
     schema.check_schema(table.schema, index)
+    # Bounds before anything is sized from them (a flipped grid_h asked for a 24 GiB canvas).
+    schema.check_rows(table, schema.RowLimits.from_index(index), f"{data_dir}/{entry['file']}", r)
     a = schema.table_to_arrays(table)
     p = int(index["patch_size"])
     seg = a["segment_ids"][0]

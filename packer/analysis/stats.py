@@ -146,6 +146,6 @@ def build_report(d: PackData) -> dict[str, Any]:
     return rep
 
 
-def compute_stats(data_dir: str) -> dict[str, Any]:
-    """Load a pack's metadata and build its report."""
-    return build_report(load_pack(data_dir))
+def compute_stats(data_dir: str, verify: bool = True) -> dict[str, Any]:
+    """Load a pack's metadata (and check its shards' sha256, with ``verify``) and build its report."""
+    return build_report(load_pack(data_dir, verify))

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from packer import schema
 from packer.build.layout import ShardResult, build_shard_bytes, shard_tasks, task_digest
-from packer.build.outdir import sidecar_name
+from packer.build.outdir import as_write_error, sidecar_name
 from packer.config import PackConfig
 from packer.plan.types import Plan
 
@@ -62,12 +62,16 @@ def _shard_udf(batch: pa.Table, cfg_json: str, out: str | None, return_data: boo
     meta["task_sha256"] = task_digest(task)
     meta["file"] = schema.shard_file_name(result.shard)
     if out is not None:
-        fs, base = schema.resolve_fs(out)
-        schema.atomic_write_bytes(fs, schema.join(base, meta["file"]), data)
-        # The sidecar lands after the shard: a shard without a sidecar is simply rebuilt on resume.
-        sidecar = dict(meta, fingerprint=cfg.fingerprint())
-        blob = json.dumps(sidecar, sort_keys=True, separators=(",", ":")).encode()
-        schema.atomic_write_bytes(fs, schema.join(base, sidecar_name(result.shard)), blob)
+        try:
+            fs, base = schema.resolve_fs(out)
+            schema.atomic_write_bytes(fs, schema.join(base, meta["file"]), data)
+            # The sidecar lands after the shard: a shard without a sidecar is simply rebuilt on resume.
+            sidecar = dict(meta, fingerprint=cfg.fingerprint())
+            blob = json.dumps(sidecar, sort_keys=True, separators=(",", ":")).encode()
+            schema.atomic_write_bytes(fs, schema.join(base, sidecar_name(result.shard)), blob)
+        except OSError as e:  # disk full, object store unreachable: reported, not a Ray traceback
+            text = str(e).strip()
+            meta["write_error"] = {"errno": e.errno, "message": text.splitlines()[0] if text else repr(e)}
     # Which Ray node built the shard: reported to the driver (the pack summary counts shards per node)
     # but written nowhere, so the pack's files stay identical whatever the cluster.
     meta["node_id"] = _ray_node_id()
@@ -136,6 +140,8 @@ def run_shard_tasks(
     nxt = 0
     for row in ds.iter_rows():
         meta = json.loads(row["meta"])
+        if "write_error" in meta:  # the first failed write ends the job (the caller names --out)
+            raise as_write_error(meta["write_error"]["errno"], meta["write_error"]["message"])
         pending[int(row["shard"])] = (meta, row["data"])
         while nxt < len(order) and order[nxt] in pending:
             yield pending.pop(order[nxt])

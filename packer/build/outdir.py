@@ -9,6 +9,7 @@ or older run left. Nothing here imports Ray.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 from typing import Any
 
@@ -16,6 +17,7 @@ import pyarrow.fs as pafs
 
 from packer import schema
 from packer.build.layout import task_digest
+from packer.build.outlock import LOCK_NAME, OutLock
 from packer.config import PackConfig
 from packer.errors import NavitError
 
@@ -23,6 +25,7 @@ STATE_DIR = ".navit-pack"
 
 
 STATE_FILE = f"{STATE_DIR}/state.json"
+LOCK_FILE = f"{STATE_DIR}/{LOCK_NAME}"
 
 
 def sidecar_name(shard: int) -> str:
@@ -54,11 +57,43 @@ def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.
 
 
 def prepare_out_dir(out: str, cfg: PackConfig, source: str, resume: bool) -> tuple[pafs.FileSystem, str]:
-    """Check OUT may be written (empty, or a pack of the same config and source) and mark it as ours.
+    """:func:`open_out_dir` without keeping the lock (for callers that only prepare)."""
+    fs, base, lock = open_out_dir(out, cfg, source, resume)
+    if lock is not None:
+        lock.release()
+    return fs, base
 
-    Raises NavitError (one line) otherwise. Removes index.json so that its presence keeps meaning
-    'complete', and leftover temp files of a killed run."""
+
+def open_out_dir(
+    out: str, cfg: PackConfig, source: str, resume: bool
+) -> tuple[pafs.FileSystem, str, OutLock | None]:
+    """Check OUT may be written (empty, or a pack of the same config and source), lock it (local
+    disk: :mod:`packer.build.outlock`) and mark it as ours. The caller releases the lock.
+
+    Raises NavitError (one line) otherwise — before writing anything when another run holds the
+    lock or OUT is refused. Removes index.json so that its presence keeps meaning 'complete', and
+    leftover temp files of a killed run."""
     fs, base = schema.resolve_fs(out)
+    state_dir = schema.join(base, STATE_DIR)
+    lock = OutLock.take(fs, state_dir, out, create=False)  # a run in progress: refused first
+    try:
+        _check_out_dir(fs, base, out, cfg, source, resume)
+        if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders (and no markers)
+            fs.create_dir(state_dir, recursive=True)
+        if lock is None:
+            lock = OutLock.take(fs, state_dir, out, create=True)
+            _check_out_dir(fs, base, out, cfg, source, resume)  # again, now that no one else writes
+        _mark_ours(fs, base, cfg, source)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return fs, base, lock
+
+
+def _check_out_dir(
+    fs: pafs.FileSystem, base: str, out: str, cfg: PackConfig, source: str, resume: bool
+) -> None:
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.File:
         raise NavitError(f"--out {out}: is a file, expected a directory")
@@ -85,7 +120,9 @@ def prepare_out_dir(out: str, cfg: PackConfig, source: str, resume: bool) -> tup
                 f"--out {out}: already holds a pack of this config; pass --resume to verify and finish it, "
                 f"or use an empty directory"
             )
-    fs.create_dir(schema.join(base, STATE_DIR), recursive=True)
+
+
+def _mark_ours(fs: pafs.FileSystem, base: str, cfg: PackConfig, source: str) -> None:
     for entry in _list(fs, base, recursive=True):
         if ".tmp-" in entry.base_name and entry.type == pafs.FileType.File:
             fs.delete_file(entry.path)  # a temp file of a killed run
@@ -99,7 +136,6 @@ def prepare_out_dir(out: str, cfg: PackConfig, source: str, resume: bool) -> tup
         "config": cfg.model_dump(mode="json"),
     }
     schema.atomic_write_bytes(fs, schema.join(base, STATE_FILE), _dumps(state))
-    return fs, base
 
 
 def verified_shard(fs: pafs.FileSystem, base: str, task: str, cfg: PackConfig) -> dict[str, Any] | None:
@@ -145,12 +181,54 @@ def out_error(out: str, e: OSError) -> NavitError:
     return NavitError(f"--out {out}: cannot write the pack there ({why})")
 
 
+class OutWriteError(OSError):
+    """Writing a file of the pack failed (disk full, quota, the object store unreachable, ...):
+    raised by the driver and for a shard task that reported a failed write."""
+
+
+def as_write_error(errno_: int | None, message: str) -> OutWriteError:
+    return OutWriteError(errno_, message) if errno_ else OutWriteError(message)
+
+
+def write_error(out: str, e: OSError) -> NavitError:
+    """The one-line error for a write into --out that failed part-way (``--resume`` continues)."""
+    import os
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        return NavitError(f"--out {out}: {what} (free some space, then run the same command with --resume)")
+    if "://" in out:
+        from packer.storage import describe_store_error
+
+        return NavitError(f"--out {out}: {describe_store_error(out, e)}; run again with --resume when it is")
+    why = os.strerror(e.errno) if e.errno else _first_line(e)
+    return NavitError(f"--out {out}: writing the pack failed ({why}); --resume continues it")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _remove_temp_files(fs: pafs.FileSystem, base: str) -> None:
+    """Best effort after a failed run: delete the temp files of writes that did not finish (a full
+    disk must not stay full of them)."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return  # object stores: an upload that did not finish leaves no object
+    try:
+        for entry in _list(fs, base, recursive=True):
+            if ".tmp-" in entry.base_name and entry.type == pafs.FileType.File:
+                with contextlib.suppress(OSError):
+                    fs.delete_file(entry.path)
+    except NavitError:
+        pass
+
+
 def _holds_no_shard(fs: pafs.FileSystem, base: str) -> bool:
     """True when OUT holds no file but our state file (and temp files): no shard, sidecar, index."""
     for entry in _list(fs, base, recursive=True):
         if entry.type != pafs.FileType.File or ".tmp-" in entry.base_name:
             continue
-        if entry.path.rstrip("/") != schema.join(base, STATE_FILE):
+        if entry.path.rstrip("/") not in (schema.join(base, STATE_FILE), schema.join(base, LOCK_FILE)):
             return False
     return True
 

@@ -39,7 +39,18 @@ from packer import schema
 from packer.build.execute import normalize_source, resolved_shard_rows, run_shard_tasks
 from packer.build.index import IMAGES_ROW_GROUP, EpochRecord, _images_and_rejections, build_index
 from packer.build.layout import shard_tasks
-from packer.build.outdir import _release_if_unused, _remove_stale, out_error, prepare_out_dir, verified_shard
+from packer.build.outdir import (
+    OutWriteError,
+    _release_if_unused,
+    _remove_stale,
+    _remove_temp_files,
+    as_write_error,
+    open_out_dir,
+    out_error,
+    verified_shard,
+    write_error,
+)
+from packer.build.outlock import OutLock
 from packer.config import PackConfig
 from packer.errors import DataError
 from packer.plan.types import Plan
@@ -99,6 +110,7 @@ def pack(
         existed = fs.get_file_info(base).type != pafs.FileType.NotFound
     except OSError as e:
         raise out_error(out, e) from None
+    held: list[OutLock | None] = []  # set once OUT is ours (locked on local disk)
     try:
         return _pack(
             source,
@@ -109,10 +121,18 @@ def pack(
             resume=resume,
             progress=progress,
             planner=planner,
+            held=held,
         )
-    except BaseException:
-        _release_if_unused(fs, base, remove_dir=not existed)
+    except BaseException as e:
+        if held:  # never clean up after a run that was refused (the folder is someone else's)
+            _remove_temp_files(fs, base)
+            _release_if_unused(fs, base, remove_dir=not existed)
+        if isinstance(e, OutWriteError):  # disk full, quota, object store unreachable, ...
+            raise write_error(out, e) from None
         raise
+    finally:
+        if held and held[0] is not None:
+            held[0].release()
 
 
 def _pack(
@@ -125,15 +145,17 @@ def _pack(
     resume: bool,
     progress: Progress | None,
     planner: Callable[[str, PackConfig, int], Plan] | None,
+    held: list[OutLock | None],
 ) -> PackResult:
     t0 = time.perf_counter()
     progress = progress or Progress()
     # Absolute paths: Ray workers (possibly on other nodes) must not depend on the driver's cwd.
     source, out = normalize_source(source), normalize_source(out)
     try:
-        fs, base = prepare_out_dir(out, cfg, source, resume)
+        fs, base, lock = open_out_dir(out, cfg, source, resume)
     except OSError as e:  # under a regular file, read-only, no permission, ...
         raise out_error(out, e) from None
+    held.append(lock)
     shard_rows = resolved_shard_rows(cfg)
     from packer.ray_runtime import ensure_ray
 
@@ -186,20 +208,29 @@ def _pack(
         record.metas = [metas[json.loads(t)["shard"]] for t in tasks]
         epochs.append(record)
         next_shard += len(tasks)
-    _remove_stale(fs, base, next_shard)
     images_table, rejected_lines, by_reason = _images_and_rejections(epochs)
-    schema.atomic_write_bytes(
-        fs,
-        schema.join(base, schema.IMAGES_FILE),
-        schema.table_to_parquet_bytes(images_table, row_group_rows=IMAGES_ROW_GROUP),
-    )
-    schema.atomic_write_bytes(fs, schema.join(base, schema.REJECTED_FILE), "".join(rejected_lines).encode())
     index = build_index(cfg, source, epochs)
-    schema.atomic_write_bytes(fs, schema.join(base, schema.INDEX_FILE), schema.dumps_index(index))
+    try:
+        _remove_stale(fs, base, next_shard)
+        schema.atomic_write_bytes(
+            fs,
+            schema.join(base, schema.IMAGES_FILE),
+            schema.table_to_parquet_bytes(images_table, row_group_rows=IMAGES_ROW_GROUP),
+        )
+        schema.atomic_write_bytes(
+            fs, schema.join(base, schema.REJECTED_FILE), "".join(rejected_lines).encode()
+        )
+        schema.atomic_write_bytes(fs, schema.join(base, schema.INDEX_FILE), schema.dumps_index(index))
+    except OSError as e:
+        raise as_write_error(e.errno, _first_line(e)) from None
     progress.close()
     return PackResult(
         index, built, reused, time.perf_counter() - t0, by_reason, exec_seconds, images_built, by_node
     )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _check_plan(plan: Plan, cfg: PackConfig, epoch: int) -> None:

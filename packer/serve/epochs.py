@@ -80,6 +80,13 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(e).__name__
 
 
+def with_row_crcs(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.RecordBatch, bytes]]:
+    """Each batch with the ``app_metadata`` Flight sends beside it: its rows' CRC32s
+    (:func:`packer.schema.crc_metadata`), which the Flight client checks."""
+    for batch in batches:
+        yield batch, schema.crc_metadata(batch)
+
+
 def _as_batches(table: pa.Table, sch: pa.Schema) -> Iterator[pa.RecordBatch]:
     """A (possibly chunked) table → record batches carrying exactly ``sch`` (with its metadata)."""
     for batch in table.to_batches():
@@ -115,6 +122,7 @@ class ShardSetSource:
             problems = schema.verify_shards(data_dir, self.index)
             if problems:
                 raise DataError(f"{data_dir}: {len(problems)} bad shard(s), first: {problems[0]}")
+        self.limits = schema.RowLimits.from_index(self.index)
         self._spans: dict[int, list[_ShardSpan]] = {}
         self.num_classes = 0  # 1 + the largest label (0 when unlabeled)
         for entry in self.index["shards"]:
@@ -133,6 +141,9 @@ class ShardSetSource:
             except (OSError, pa.ArrowException) as e:
                 why = _first_line(e)
                 raise DataError(f"{data_dir}/{entry['file']}: cannot read labels ({why})") from None
+            problem = schema.label_problem(labels.to_numpy(zero_copy_only=False), self.limits)
+            if problem:
+                raise DataError(f"{data_dir}/{entry['file']}: {problem} (corrupt shard metadata)")
             if len(labels):
                 self.num_classes = max(self.num_classes, int(pa.compute.max(labels).as_py()) + 1)
 
@@ -169,13 +180,14 @@ class ShardSetSource:
             n = pf.metadata.row_group(g).num_rows
             a, b = max(lo, first), min(hi, first + n)
             if a < b:
-                try:
+                try:  # page CRC32s are verified as it is read (schema.open_shard)
                     table = pf.read_row_group(g)
                 except (OSError, pa.ArrowException) as e:  # a damaged page (footer intact)
                     raise DataError(
                         f"{self.data_dir}/{file}: cannot read row group {g} ({_first_line(e)}); "
                         "check the pack with --verify"
                     ) from None
+                schema.check_rows(table, self.limits, f"{self.data_dir}/{file}: row group {g}")
                 yield from _as_batches(table.slice(a - first, b - a), self.schema)
             first += n
             if first >= hi:

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from packer.errors import ConfigError, NavitError
-from packer.serve.epochs import EpochSource, rank_range
+from packer.serve.epochs import EpochSource, rank_range, with_row_crcs
 
 log = logging.getLogger("navit.serve")
 
@@ -283,8 +283,8 @@ class NavitFlightServer(fl.FlightServerBase):
         # Runs lazily on Flight's thread; the finally clause runs when the stream ends, fails or the
         # client goes away (Flight drops the generator).
         try:
-            for batch in self.source.stream(epoch, lo, hi):
-                yield batch
+            for batch, crcs in with_row_crcs(self.source.stream(epoch, lo, hi)):
+                yield batch, crcs  # the rows' CRC32s as app_metadata: the client checks them
                 self.state.sent(sid, batch.num_rows, batch.nbytes)
         except NavitError as e:
             raise _flight_error(e) from None
