@@ -24,6 +24,7 @@ No Ray, no torch: imported by the trainer too.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -86,3 +87,30 @@ def object_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     bucket = rest.split("/", 1)[0]
     fs, _ = filesystem(f"{scheme}://{bucket}")
     return fs, rest
+
+
+def endpoint_of(location: str) -> str:
+    """The object store a URI talks to, for messages: its ``endpoint_override`` option, else the
+    environment's endpoint, else the provider's default."""
+    if location.startswith("s3://"):
+        options = dict(parse_qsl(with_env_options(location).partition("?")[2]))
+        if "endpoint_override" in options:
+            return f"{options.get('scheme', 'https')}://{options['endpoint_override']}"
+        return "AWS S3 (default endpoint)"
+    return location.split("://", 1)[0] + "://"
+
+
+# What pyarrow's S3 client reports when it gets no answer (curl: 6 cannot resolve, 7 cannot connect,
+# 28 timed out, 35 TLS handshake, 52/56 connection dropped).
+_UNREACHABLE = re.compile(r"curlCode: (6|7|28|35|52|56)\b[^;]*")
+
+
+def describe_store_error(location: str, e: BaseException) -> str:
+    """One line for a failed object-store call: ``object store unreachable at ENDPOINT (why)`` when
+    the endpoint did not answer, else ``object store at ENDPOINT: first line of the error``."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    hit = _UNREACHABLE.search(text)
+    if hit or "NETWORK_CONNECTION" in text:
+        why = hit.group(0) if hit else "no network connection"
+        return f"object store unreachable at {endpoint_of(location)} ({why})"
+    return f"object store at {endpoint_of(location)}: {text[:300]}"

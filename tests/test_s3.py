@@ -164,6 +164,131 @@ def test_pack_to_s3_is_byte_identical_to_local(packs):
     assert all(p.startswith("s3://navit-src/img/") for p in img_r.column("path").to_pylist())
 
 
+def _keys(s3: dict[str, str], bucket: str) -> list[str]:
+    """Every object key in ``bucket`` as S3 lists it (pyarrow hides directory-marker objects)."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3["AWS_ENDPOINT_URL"],
+        aws_access_key_id=s3["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3["AWS_SECRET_ACCESS_KEY"],
+        region_name=s3["AWS_DEFAULT_REGION"],
+    )
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_pack_to_s3_writes_no_directory_markers(packs, s3):
+    """Object stores have no folders: the docs promise one object per file and nothing else (the
+    state folder used to be created as an empty ``p1/.navit-pack/`` marker object)."""
+    keys = [k for k in _keys(s3, "navit-packs") if k.startswith("p1/")]
+    assert "p1/index.json" in keys and "p1/.navit-pack/state.json" in keys
+    assert [k for k in keys if k.endswith("/")] == []
+
+
+class _CuttableProxy:
+    """A loopback TCP forwarder to the S3 server that can be cut (connections refused, as when the
+    endpoint goes away) and restored on the same port."""
+
+    def __init__(self, target: int) -> None:
+        self.target, self.port = target, _free_port()
+        self._open()
+
+    def _open(self) -> None:
+        import socket
+        import threading
+
+        self.conns: list = []
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        import contextlib
+        import socket
+
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (a, b):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        import contextlib
+        import socket
+
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
+        self.listener.close()
+        for sock in self.conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def restore(self) -> None:
+        self._open()
+
+
+def test_s3_unreachable_during_pack_is_one_line_and_resumable(packs, s3, tmp_path, ray_session):
+    """The endpoint goes away once the pack has started (here: after OUT was checked and marked, while
+    planning): the shard uploads fail on the Ray workers. Expected one line naming the endpoint, then
+    `--resume` finishes the pack once the endpoint answers again. In this process, so the workers
+    (started without the test's AWS environment) get endpoint and credentials from the URI."""
+    from packer.build.pipeline import pack
+    from packer.config import PackConfig
+    from packer.errors import NavitError
+    from packer.plan.planner import make_plan, scan_source
+    from packer.synth import generate
+
+    src = tmp_path / "img"
+    generate(src, n=6, seed=1, threads=1)
+    _, fs = packs
+    fs.create_dir("navit-cut")
+    proxy = _CuttableProxy(int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    creds = f"{s3['AWS_ACCESS_KEY_ID']}:{s3['AWS_SECRET_ACCESS_KEY']}"
+    out = f"s3://{creds}@navit-cut/p?endpoint_override=127.0.0.1:{proxy.port}&scheme=http&region=us-east-1"
+    cfg = PackConfig.model_validate(
+        {"packing": {"seq_len": 64, "patch_size": 16}, "output": {"shard_rows": 1}}
+    )
+
+    def planner(source: str, c: PackConfig, epoch: int):
+        proxy.cut()
+        return make_plan(scan_source(source, c, use_ray=False), c, epoch)
+
+    with pytest.raises(NavitError) as e:
+        pack(str(src), out, cfg, workers=1, planner=planner)
+    assert str(e.value) == (
+        f"--out {out}: object store unreachable at http://127.0.0.1:{proxy.port} (curlCode: 7, Could not "
+        "connect to server) (run the same command with --resume once it answers)"
+    )
+    proxy.restore()
+    done = pack(str(src), out, cfg, workers=1, resume=True)
+    assert done.shards_built >= 1
+    assert schema.verify_shards(out, schema.read_index(out)) == []
+
+
 def test_stats_reads_s3_by_environment_and_by_uri_options(packs, s3, monkeypatch, capsys):
     from cli.main import app
 

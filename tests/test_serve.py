@@ -59,7 +59,8 @@ def make_pack(
                 patches=rng.integers(0, 256, (n, seq_len, tb), dtype=np.uint8),
                 segment_ids=seg,
                 pos_h=np.zeros((n, seq_len), np.int16),
-                pos_w=np.tile(np.arange(seq_len, dtype=np.int16), (n, 1)),
+                # Each image's tokens at columns 0.. of its one-row grid; padding at 0.
+                pos_w=np.tile(np.r_[np.arange(half), np.arange(seq_len - 1 - half), 0].astype(np.int16), (n, 1)),
                 image_ids=[np.array([img + 2 * r, img + 2 * r + 1]) for r in range(n)],
                 labels=[np.array([r % 3, -1]) for r in range(n)],
                 grid_h=[np.array([1, 1])] * n,

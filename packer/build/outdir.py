@@ -177,6 +177,10 @@ def out_error(out: str, e: OSError) -> NavitError:
     'Detail:' text)."""
     import os
 
+    if "://" in out and not e.errno:
+        from packer.storage import describe_store_error
+
+        return NavitError(f"--out {out}: cannot write the pack there ({describe_store_error(out, e)})")
     why = os.strerror(e.errno) if e.errno else (str(e).strip().splitlines() or [type(e).__name__])[0]
     return NavitError(f"--out {out}: cannot write the pack there ({why})")
 
@@ -200,7 +204,8 @@ def write_error(out: str, e: OSError) -> NavitError:
     if "://" in out:
         from packer.storage import describe_store_error
 
-        return NavitError(f"--out {out}: {describe_store_error(out, e)}; run again with --resume when it is")
+        why = describe_store_error(out, e)
+        return NavitError(f"--out {out}: {why} (run the same command with --resume once it answers)")
     why = os.strerror(e.errno) if e.errno else _first_line(e)
     return NavitError(f"--out {out}: writing the pack failed ({why}); --resume continues it")
 

@@ -2,9 +2,9 @@
 
 Local disk (and NFS, where Linux maps ``flock`` onto NFS byte-range locks): an exclusive
 ``flock`` on ``OUT/.navit-pack/lock``, taken without waiting. The file records the holder's pid,
-host and start time so that a refused run can say who holds it. The kernel drops the lock when
-its process ends, however it ends (crash, ``kill -9``, power loss on the client), so there is no
-stale lock to clean up: a lock file nobody holds is simply taken over.
+host and start time so that a refused run can say who holds it; it is removed when the run ends.
+The kernel drops the lock when its process ends, however it ends (crash, ``kill -9``), so there is
+no stale lock to clean up: a lock file left by a killed run is simply taken over.
 
 Object stores (``s3://``, ``gs://``) have no locks, and pyarrow exposes no conditional write
 (``If-None-Match``) to build one from; nothing is taken there (see docs/pack.md, "Concurrent
@@ -77,7 +77,12 @@ class OutLock:
         return cls(fd, path)
 
     def release(self) -> None:
+        """Remove the lock file, then drop the lock (closing the descriptor). A run that opened
+        the file just before it went sees, once it holds the lock, that the path is gone and
+        locks a new file instead (see :meth:`take`)."""
         if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             with contextlib.suppress(OSError):
                 os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = -1
