@@ -60,7 +60,9 @@ def make_pack(
                 segment_ids=seg,
                 pos_h=np.zeros((n, seq_len), np.int16),
                 # Each image's tokens at columns 0.. of its one-row grid; padding at 0.
-                pos_w=np.tile(np.r_[np.arange(half), np.arange(seq_len - 1 - half), 0].astype(np.int16), (n, 1)),
+                pos_w=np.tile(np.r_[np.arange(half), np.arange(seq_len - 1 - half), 0], (n, 1)).astype(
+                    np.int16
+                ),
                 image_ids=[np.array([img + 2 * r, img + 2 * r + 1]) for r in range(n)],
                 labels=[np.array([r % 3, -1]) for r in range(n)],
                 grid_h=[np.array([1, 1])] * n,
