@@ -30,7 +30,7 @@ def read_images(data_dir: str, columns: list[str] | None = None, filters: Any = 
             read = [c for c in wanted if c in present]
             if missing:
                 read += [c for c in ("orig_h", "orig_w", "grid_h") if c not in read]
-            table = pq.read_table(f, columns=read, filters=filters)
+            table = pq.read_table(f, columns=read, filters=filters, page_checksum_verification=True)
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
         raise DataError(f"{data_dir}/{IMAGES_FILE}: cannot be read ({str(e).splitlines()[0]})") from None
     if missing:

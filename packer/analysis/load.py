@@ -270,7 +270,7 @@ def _read_images(data_dir: str, problems: list[str]) -> pa.Table | None:
     path = schema.join(base, schema.IMAGES_FILE)
     try:
         with fs.open_input_file(path) as f:
-            return pq.read_table(f, columns=IMAGES_COLUMNS)
+            return pq.read_table(f, columns=IMAGES_COLUMNS, page_checksum_verification=True)
     except (FileNotFoundError, OSError, pa.ArrowInvalid, KeyError) as e:
         problems.append(f"{schema.IMAGES_FILE}: cannot be read ({_short(e)})")
         return None
