@@ -180,7 +180,6 @@ def test_corrupt_metadata_is_one_line_on_every_read_path(pack, case):
     from packer.analysis.load import load_pack
     from packer.analysis.row_view import read_row
     from packer.serve.epochs import ShardSetSource
-    from trainer.flight_client import _check_batch
     from trainer.shards import _RowReader, open_shard_set
 
     column, value, says = CORRUPT[case]
@@ -197,11 +196,13 @@ def test_corrupt_metadata_is_one_line_on_every_read_path(pack, case):
         list(source.stream(0, 0, source.epoch_rows(0)))
     with pytest.raises(DataError, match=says):  # train with data.verify off: the head is never sized
         _RowReader(open_shard_set(str(pack), verify=False)).get(0, 0)
-    batch = pa.Table.from_batches(pq.read_table(pack / schema.shard_file_name(0)).to_batches())
+    from trainer.flight_client import _check_batch
+
+    batch = pq.read_table(pack / schema.shard_file_name(0)).to_batches()[0]
     limits = schema.RowLimits(seq_len=SEQ_LEN)  # a Flight client knows only the stream's geometry
     if case == "grid_h":  # (a label is in range for a client that has no class list)
         with pytest.raises(DataError, match=says):
-            _check_batch(batch.to_batches()[0], None, limits, "flight://x")
+            _check_batch(batch, None, limits, "flight://x")
 
 
 def test_bounds_accept_every_row_navit_writes(good):
