@@ -149,6 +149,25 @@ class _TokenMiddlewareFactory(fl.ServerMiddlewareFactory):
         return None
 
 
+_SUPPORTED = {fl.FlightMethod.DO_GET, fl.FlightMethod.DO_ACTION, fl.FlightMethod.LIST_ACTIONS}
+
+
+class _SupportedRpcsFactory(fl.ServerMiddlewareFactory):
+    """Answers the RPCs navit does not offer (list_flights, get_flight_info, get_schema, do_put,
+    do_exchange, ...) with one line before any handler runs: pyarrow's default handlers, and any
+    exception raised in its get_schema, reach the client with a Python traceback."""
+
+    def start_call(self, info: fl.CallInfo, headers: dict[str, list[str]]) -> None:
+        if info.method not in _SUPPORTED:
+            rpc = str(info.method).rsplit(".", 1)[-1].lower()
+            raise fl.FlightServerError(
+                f"navit serve: {rpc} is not supported "
+                "(streams: do_get with a ticket; actions: status, info, epoch)",
+                extra_info=b"unsupported",
+            )
+        return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # The server
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +186,9 @@ class NavitFlightServer(fl.FlightServerBase):
         max_streams: int = DEFAULT_MAX_STREAMS,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
-        middleware = {"auth": _TokenMiddlewareFactory(token)} if token else None
+        middleware: dict[str, fl.ServerMiddlewareFactory] = {"rpcs": _SupportedRpcsFactory()}
+        if token:
+            middleware["auth"] = _TokenMiddlewareFactory(token)
         tls = [fl.CertKeyPair(tls_cert_chain, tls_private_key)] if tls_cert_chain else None
         super().__init__(location, tls_certificates=tls, middleware=middleware)
         self.source = source
@@ -240,23 +261,6 @@ class NavitFlightServer(fl.FlightServerBase):
                 time.monotonic() - s.started,
             )
 
-    # -- RPCs navit does not offer: one line each, not pyarrow's NotImplementedError traceback --------
-
-    def list_flights(self, context: fl.ServerCallContext, criteria: bytes) -> Iterator[fl.FlightInfo]:
-        raise _unsupported("list_flights")
-
-    def get_flight_info(self, context: fl.ServerCallContext, descriptor: fl.FlightDescriptor) -> None:
-        raise _unsupported("get_flight_info")
-
-    def get_schema(self, context: fl.ServerCallContext, descriptor: fl.FlightDescriptor) -> None:
-        raise _unsupported("get_schema")
-
-    def do_put(self, context: fl.ServerCallContext, descriptor: Any, reader: Any, writer: Any) -> None:
-        raise _unsupported("do_put")
-
-    def do_exchange(self, context: fl.ServerCallContext, descriptor: Any, reader: Any, writer: Any) -> None:
-        raise _unsupported("do_exchange")
-
     # -- actions ------------------------------------------------------------------------------------
 
     def list_actions(self, context: fl.ServerCallContext) -> list[tuple[str, str]]:
@@ -289,13 +293,6 @@ class NavitFlightServer(fl.FlightServerBase):
         n = self.source.epoch_rows(epoch)
         ranks = [rank_range(n, r, world) for r in range(world)]
         return {"epoch": epoch, "rows": n, "world_size": world, "rank_rows": [b - a for a, b in ranks]}
-
-
-def _unsupported(rpc: str) -> fl.FlightServerError:
-    return fl.FlightServerError(
-        f"navit serve: {rpc} is not supported (streams: do_get with a ticket; actions: status, info, epoch)",
-        extra_info=b"unsupported",
-    )
 
 
 def _flight_error(e: NavitError) -> fl.FlightServerError:
