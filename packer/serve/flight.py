@@ -6,18 +6,22 @@
 - Backpressure: the stream is a :class:`pyarrow.flight.GeneratorStream`; Flight pulls the next
   record batch only after gRPC accepted the previous one, and gRPC's per-stream flow-control window
   stops accepting when the client does not read. A slow client therefore holds the server at about
-  one row group plus the transport window per stream, never the epoch.
+  two row groups per stream, never the epoch. Streams are capped (``max_streams``, refused with
+  ``busy``) and a stream whose client stopped reading is cancelled after ``idle_timeout_s``
+  (packer/serve/streams.py, which also stops the server without waiting for such clients).
 - Auth: with a token, a server middleware checks ``authorization: Bearer <token>`` on every call
   (constant-time compare) and refuses the call otherwise. Without a token the server only binds to
   loopback; :func:`make_server` refuses any other interface.
-- Actions: ``status`` (streams in progress, rows and bytes served, clients), ``info`` (mode, epochs,
-  geometry), ``epoch`` (rows of an epoch and per rank, body ``{"epoch", "world_size"}``).
+- Actions: ``status`` (streams and their state, clients, counters: packer/serve/status.py), ``info``
+  (mode, data_id, epochs, geometry), ``epoch`` (rows of an epoch and per rank, body
+  ``{"epoch", "world_size"}``). Other RPCs are refused in one line (``unsupported``).
 
 Errors reach the client as ``FlightServerError`` whose ``extra_info`` names the kind (``bad_ticket``,
-``data``, ``internal``); :mod:`trainer.flight_client` turns them into one-line messages. Tickets and
-action bodies are at most MAX_REQUEST_BYTES of JSON with integer fields only (no bools, floats or
-strings; 64-bit range), ``world_size`` at most MAX_WORLD_SIZE. An unexpected exception is logged
-with its traceback on the server (logger ``navit.serve``) and reaches the client as one line,
+``data``, ``internal``, ``busy``, ``unsupported``); :mod:`trainer.flight_client` turns them into
+one-line messages. Tickets and action bodies are at most MAX_REQUEST_BYTES of JSON with integer
+fields only (no bools, floats or strings; 64-bit range), ``world_size`` at most MAX_WORLD_SIZE.
+An unexpected exception is logged with its traceback on the server (logger ``navit.serve``) and
+reaches the client as one line,
 ``navit serve: internal error in … (details in the server log)``, never as a Python traceback.
 """
 
