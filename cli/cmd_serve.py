@@ -190,6 +190,16 @@ def _epochs_line(desc: dict) -> str:
     return ", ".join(f"epoch {e}: {n} rows" for e, n in rows.items())
 
 
+_STATUS_FIELDS = (
+    "streams_streaming",
+    "streams_stalled",
+    "streams_producing",
+    "streams_timed_out",
+    "streams_refused",
+    "hosts_connected",
+)
+
+
 def _print_status(host: str, port: int, token: str | None, tls_root: bytes | None, as_json: bool) -> None:
     from trainer.flight_client import FlightDataClient
 
@@ -201,17 +211,17 @@ def _print_status(host: str, port: int, token: str | None, tls_root: bytes | Non
     if as_json:
         typer.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    cap = st.get("max_streams") or "no cap"
+    g = {k: st.get(k, "?") for k in _STATUS_FIELDS}  # "?": a server from before the field existed
     typer.echo(
         f"up {st['uptime_s']:.0f} s; {st['rows_served']} rows, {st['bytes_served'] / 1e9:.2f} GB served; "
-        f"streams {st['streams_streaming']} streaming, {st['streams_stalled']} stalled, "
-        f"{st['streams_producing']} producing (cap {cap}); {st['streams_completed']} done, "
-        f"{st['streams_aborted']} ended early ({st['streams_timed_out']} timed out), "
-        f"{st['streams_refused']} refused; clients {st['clients_connected']} connected from "
-        f"{st['hosts_connected']} host(s), {st['clients_seen']} seen"
+        f"streams {g['streams_streaming']} streaming, {g['streams_stalled']} stalled, "
+        f"{g['streams_producing']} producing (cap {st.get('max_streams') or 'none'}); "
+        f"{st['streams_completed']} done, {st['streams_aborted']} ended early "
+        f"({g['streams_timed_out']} timed out), {g['streams_refused']} refused; clients "
+        f"{st['clients_connected']} connected from {g['hosts_connected']} host(s), {st['clients_seen']} seen"
     )
     for s in st["streams_in_progress"]:
-        state = f"stalled {s['idle_s']:.0f} s" if s["state"] == "stalled" else s["state"]
+        state = f"stalled {s['idle_s']:.0f} s" if s.get("state") == "stalled" else s.get("state", "")
         typer.echo(
             f"  #{s['id']} {s['peer']}  epoch {s['epoch']} rank {s['rank']}/{s['world_size']}  {state}  "
             f"{s['rows_sent']}/{s['rows_total']} rows  {s['bytes_sent'] / 1e6:.1f} MB  {s['seconds']:.0f} s"

@@ -199,6 +199,11 @@ class NavitFlightServer(fl.FlightServerBase):
         self.state = ServeState(max_streams=max_streams, idle_timeout_s=idle_timeout_s)
         self._watchdog = IdleWatchdog(self.state, self.port).start()
 
+    def shutdown(self) -> None:
+        """pyarrow's shutdown (waits for every call to end); see :meth:`stop` for a bounded one."""
+        self._watchdog.stop()
+        super().shutdown()
+
     def stop(self, grace_s: float | None = None) -> tuple[int, bool]:
         """Cancel every stream and shut down within ``grace_s``: (streams cancelled, finished).
         Unlike ``shutdown()``, a client that stopped reading cannot hold it up."""
