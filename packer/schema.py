@@ -312,13 +312,6 @@ def sha256_bytes(data: bytes | pa.Buffer) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def pack_fingerprint(index: dict) -> str:
-    """The identity of a pack's data: a digest of its shards' checksums, wherever the pack lives or
-    is served from (``navit train --resume`` compares it; a Flight server reports it as data_id)."""
-    digests = "".join(e["sha256"] for e in index["shards"])
-    return f"pack:{sha256_bytes(digests.encode())[:16]}"
-
-
 def sha256_file(fs: pafs.FileSystem, path: str) -> str:
     h = hashlib.sha256()
     with fs.open_input_stream(path) as f:

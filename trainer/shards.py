@@ -353,7 +353,8 @@ class ShardSource:
         self.num_classes = self.shards.num_classes
         self.class_names = self.shards.class_names
         # Identity of the data for --resume: the shards' checksums, wherever the pack now lives.
-        self.fingerprint = schema.pack_fingerprint(self.shards.index)
+        digests = "".join(e["sha256"] for e in self.shards.index["shards"])
+        self.fingerprint = f"pack:{schema.sha256_bytes(digests.encode())[:16]}"
         self.description = self.description or f"shards {self.shards.root}"
         # A batch of more rows than this rank reads in an epoch would hold whole epochs, repeated
         # (a 100000-row batch of a 45-row pack grew to 22 GB before the OOM killer ended it).

@@ -181,11 +181,18 @@ class ShardSetSource:
             if first >= hi:
                 break
 
+    def data_id(self) -> str:
+        """The pack's identity, wherever it lives: its shards' digests. The same value as
+        trainer.shards.ShardSource.fingerprint (tests/test_serve_reliability.py checks they agree),
+        so ``navit train --resume`` accepts a run begun on the pack itself or from any server of it."""
+        digests = "".join(e["sha256"] for e in self.index["shards"])
+        return f"pack:{schema.sha256_bytes(digests.encode())[:16]}"
+
     def describe(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
             "data": self.data_dir,
-            "data_id": schema.pack_fingerprint(self.index),
+            "data_id": self.data_id(),
             "epochs": self.epochs(),
             "rows_per_epoch": {str(e): self.epoch_rows(e) for e in self.epochs()},
             "seq_len": self.index["seq_len"],
