@@ -4,6 +4,7 @@ stalled client, one-line answers to RPCs navit does not offer, restart on a port
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -244,9 +245,12 @@ def _put(client, descriptor) -> None:
 
 def _exchange(client, descriptor) -> None:
     writer, reader = client.do_exchange(descriptor)
-    writer.done_writing()
-    reader.read_all()
-    writer.close()
+    try:
+        writer.done_writing()
+        reader.read_all()
+    finally:
+        with contextlib.suppress(fl.FlightError, OSError):  # already refused: keep its log quiet
+            writer.close()
 
 
 def test_restart_on_a_port_whose_old_connections_linger_in_time_wait(big_pack):

@@ -156,12 +156,13 @@ class _TokenMiddlewareFactory(fl.ServerMiddlewareFactory):
 _SUPPORTED = {fl.FlightMethod.DO_GET, fl.FlightMethod.DO_ACTION, fl.FlightMethod.LIST_ACTIONS}
 
 
-class _SupportedRpcsFactory(fl.ServerMiddlewareFactory):
+class _CallsFactory(fl.ServerMiddlewareFactory):
     """Answers the RPCs navit does not offer (list_flights, get_flight_info, get_schema, do_put,
     do_exchange, ...) with one line before any handler runs: pyarrow's default handlers, and any
-    exception raised in its get_schema, reach the client with a Python traceback."""
+    exception raised in its get_schema, reach the client with a Python traceback. Every other
+    call gets a :class:`_CallEnd`."""
 
-    def start_call(self, info: fl.CallInfo, headers: dict[str, list[str]]) -> None:
+    def start_call(self, info: fl.CallInfo, headers: dict[str, list[str]]) -> _CallEnd:
         if info.method not in _SUPPORTED:
             rpc = str(info.method).rsplit(".", 1)[-1].lower()
             raise fl.FlightServerError(
@@ -169,7 +170,18 @@ class _SupportedRpcsFactory(fl.ServerMiddlewareFactory):
                 "(streams: do_get with a ticket; actions: status, info, epoch)",
                 extra_info=b"unsupported",
             )
-        return None
+        return _CallEnd()
+
+
+class _CallEnd(fl.ServerMiddleware):
+    """Runs ``on_end`` when the call is over, however it ended: a stream whose generator never
+    started (the client left before its first batch) has no ``finally`` to free its slot."""
+
+    on_end: Any = None
+
+    def call_completed(self, exception: BaseException | None) -> None:
+        if self.on_end is not None:
+            self.on_end()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,7 +202,7 @@ class NavitFlightServer(fl.FlightServerBase):
         max_streams: int = DEFAULT_MAX_STREAMS,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
-        middleware: dict[str, fl.ServerMiddlewareFactory] = {"rpcs": _SupportedRpcsFactory()}
+        middleware: dict[str, fl.ServerMiddlewareFactory] = {"calls": _CallsFactory()}
         if token:
             middleware["auth"] = _TokenMiddlewareFactory(token)
         tls = [fl.CertKeyPair(tls_cert_chain, tls_private_key)] if tls_cert_chain else None
@@ -234,6 +246,9 @@ class NavitFlightServer(fl.FlightServerBase):
                 raise fl.FlightUnavailableError(str(e)) from None
             log.info("refused a stream from %s: %s", peer, e)
             raise fl.FlightServerError(str(e), extra_info=b"busy") from None
+        call_end = context.get_middleware("calls")
+        if call_end is not None:
+            call_end.on_end = lambda: self.state.discard(sid)
         log.info(
             "stream %d: %s epoch %d rank %d/%d rows %d..%d",
             sid, peer, t.epoch, t.rank, t.world_size, lo + t.start_row, hi,
@@ -260,15 +275,12 @@ class NavitFlightServer(fl.FlightServerBase):
             raise _internal_error(f"stream {sid}", e) from None
         finally:
             s = self.state.close(sid)
-            log.info(
-                "stream %d %s: %d/%d rows, %.1f MB in %.2f s",
-                sid,
-                "done" if s.rows_sent == s.rows_total else "timed out" if s.timed_out else "ended early",
-                s.rows_sent,
-                s.rows_total,
-                s.bytes_sent / 1e6,
-                time.monotonic() - s.started,
-            )
+            if s is not None:
+                how = "done" if s.rows_sent == s.rows_total else "timed out" if s.timed_out else "ended early"
+                log.info(
+                    "stream %d %s: %d/%d rows, %.1f MB in %.2f s",
+                    sid, how, s.rows_sent, s.rows_total, s.bytes_sent / 1e6, time.monotonic() - s.started,
+                )  # fmt: skip
 
     # -- actions ------------------------------------------------------------------------------------
 

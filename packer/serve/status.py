@@ -98,15 +98,23 @@ class ServeState:
             self.rows_served += rows
             self.bytes_served += nbytes
 
-    def close(self, sid: int) -> StreamRecord:
+    def close(self, sid: int) -> StreamRecord | None:
         with self._lock:
-            s = self.active.pop(sid)
+            s = self.active.pop(sid, None)
+            if s is None:  # already dropped by discard()
+                return None
             if s.rows_sent == s.rows_total:
                 self.streams_completed += 1
             else:
                 self.streams_aborted += 1
                 self.streams_timed_out += s.timed_out
             return s
+
+    def discard(self, sid: int) -> None:
+        """The call is over: a stream still registered (its generator never ran) is dropped."""
+        with self._lock:
+            if self.active.pop(sid, None) is not None:
+                self.streams_aborted += 1
 
     def idle_streams(self) -> list[tuple[int, str]]:
         """(id, peer) of streams the client has not read from for ``idle_timeout_s``; marks them."""
