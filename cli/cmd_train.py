@@ -146,6 +146,27 @@ def register(app: typer.Typer) -> None:
             typer.Option("--compile/--no-compile", help="torch.compile the model", show_default=False),
         ] = None,
         sets: SetOpt = None,
+        val: Annotated[
+            str | None,
+            typer.Option(
+                "--val",
+                help="held-out pack or labelled image folder: top-1/loss every eval_every steps and at "
+                "the end; the best top-1 is kept as RUN/checkpoints/best",
+                show_default=False,
+            ),
+        ] = None,
+        eval_every: Annotated[
+            int | None,
+            typer.Option(
+                "--eval-every", help="steps between --val evaluations (0 = at the end)", show_default=False
+            ),
+        ] = None,
+        log: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--log", help="extra metric sink: tensorboard | wandb (repeatable)", show_default=False
+            ),
+        ] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out exactly")] = False,
         token_file: Annotated[
             Path | None, typer.Option("--token-file", help="flight:// auth token file", show_default=False)
@@ -181,12 +202,21 @@ def register(app: typer.Typer) -> None:
                 "seed": seed,
                 "checkpoint.every": checkpoint_every,
                 "compile": compile_,
+                "eval_every": eval_every,
+                "loggers": [x.strip() for v in log for x in v.split(",") if x.strip()] if log else None,
             },
             resume_from=out if resume else None,
         )
         from trainer.loop import check_run_dir
 
         check_run_dir(out, resume)  # before the data is verified (which may take long)
+        from trainer.loggers import check_available
+
+        check_available(cfg.loggers)
+        if val is not None:
+            from trainer.validate import check_val_spec
+
+            check_val_spec(val)
         token = None
         if token_file is not None:
             from trainer.flight_client import read_token_file
@@ -208,7 +238,7 @@ def register(app: typer.Typer) -> None:
 
         from trainer.loop import train as run_train
 
-        run_train(cfg, source_factory, out, resume=resume)
+        run_train(cfg, source_factory, out, resume=resume, val=val)
 
 
 def _source_factory(

@@ -207,7 +207,7 @@ class _Accumulator:
 
     @torch.no_grad()
     def add_batch(self, net: torch.nn.Module, hb: HostBatch, device: torch.device) -> None:
-        batch = hb.to(device)
+        batch = hb.to(device, host_layout=True)
         labels = batch.pop("labels")
         logits = net(batch).logits.float()  # (N, C)
         k = min(5, logits.shape[-1])
@@ -238,8 +238,11 @@ def load_model(
     ck = load_checkpoint(checkpoint)
     mcfg = NaViTConfig.from_dict(ck.meta["model_config"])
     if attention is not None:
+        from model.attention import resolve_backend
+
         try:
             mcfg = dataclasses.replace(mcfg, attention=attention)
+            resolve_backend(attention, torch.device(device))  # e.g. varlen without CUDA
         except ValueError as e:
             raise NavitError(f"model.attention: {e}") from None
     net = NaViT(mcfg)

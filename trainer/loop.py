@@ -309,7 +309,7 @@ def train(
 
     use_bf16 = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    host_layout = device.type == "cuda" and not cfg.compile  # the layout from the host copy: no sync
+    host_layout = not cfg.compile  # the layout from the batch's host copy: no device→host read
     accum = cfg.data.grad_accum
     batches: Iterator[HostBatch] = iter(source.batches(position))
     t_start = time.perf_counter()
