@@ -44,7 +44,9 @@ def _src(pack):
 
 
 def test_ema_is_the_average_of_the_weights_and_resumes_exactly(tmp_path, pack, capsys):
-    cfg = tiny_train_config(**{"ema_decay": 0.9, "checkpoint.every": 1, "checkpoint.keep": 20})
+    cfg = tiny_train_config(
+        **{"schedule.steps": 6, "ema_decay": 0.9, "checkpoint.every": 1, "checkpoint.keep": 9}
+    )
     full = train(cfg, _src(pack), tmp_path / "a", verbose=False)
     # The average, recomputed by hand from the init and each step's weights.
     torch.manual_seed(cfg.seed)
@@ -58,7 +60,7 @@ def test_ema_is_the_average_of_the_weights_and_resumes_exactly(tmp_path, pack, c
         assert all(torch.allclose(ema[k], avg[k], atol=1e-6) for k in avg), s
     assert not all(torch.equal(ema[k], c.weights[k]) for k in ema)
 
-    part = train(cfg, _src(pack), tmp_path / "b", stop_after=5, verbose=False)
+    part = train(cfg, _src(pack), tmp_path / "b", stop_after=4, verbose=False)
     rest = train(cfg, _src(pack), tmp_path / "b", resume=True, verbose=False)
     assert part.losses + rest.losses == full.losses
     ea = ck.load_checkpoint(tmp_path / "a").extra_weights("ema")
@@ -206,9 +208,9 @@ def test_step_loop_reads_the_device_only_at_sync_points(tmp_path, pack, monkeypa
         cfg = tiny_train_config(**{"schedule.steps": steps, "log_every": 1000, "data.grad_accum": 2})
         return lambda: train(cfg, _src(pack), tmp_path / f"r{steps}", verbose=False)
 
-    short = _count_syncs(monkeypatch, run(3))
-    long = _count_syncs(monkeypatch, run(9))
-    # The same reads for 3 and 9 steps (one sync: the end of the run), none per step.
+    short = _count_syncs(monkeypatch, run(2))
+    long = _count_syncs(monkeypatch, run(6))
+    # The same reads for 2 and 6 steps (one sync: the end of the run), none per step.
     assert short == long, (short, long)
     assert sum(long.values()) <= 2, long
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from packer.errors import ConfigError
 
-SKIP = {"step", "time", "window_steps", "event", "best_step", "val_resolution"}
+SKIP = {"step", "time", "window_steps", "event", "best_step", "val_resolution", "val_skipped"}
 
 
 class Sink(Protocol):

@@ -161,7 +161,7 @@ class MetricsLogger:
         if not self.console:
             return
         if self._bar is not None:
-            self._bar.console.print(text, markup=False, highlight=False)
+            self._bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
             self.stream.write(text + "\n")
             self.stream.flush()

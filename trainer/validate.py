@@ -139,6 +139,7 @@ def val_record(step: int, res: EvalResult, ema: EvalResult | None, best: BestSoF
         "val_loss": res.loss,
         "val_images": res.images,
         "val_resolution": res.resolution,
+        "val_skipped": res.skipped,  # undecodable files of the folder (not scored)
     }
     if ema is not None:
         rec.update({"ema_val_top1": ema.top1, "ema_val_top5": ema.top5, "ema_val_loss": ema.loss})
@@ -150,7 +151,8 @@ def val_line(rec: dict[str, Any], total: int) -> str:
     """The console line of one held-out evaluation."""
     line = (
         f"val  {rec['step']:>6}/{total}  top-1 {rec['val_top1']:.3f}  top-5 {rec['val_top5']:.3f}  "
-        f"loss {rec['val_loss']:.4f}  ({rec['val_images']} images, {rec['val_resolution']})"
+        f"loss {rec['val_loss']:.4f}  ({rec['val_images']} images, {rec['val_resolution']}"
+        + (f"; {rec['val_skipped']} undecodable files skipped)" if rec["val_skipped"] else ")")
     )
     if "ema_val_top1" in rec:
         line += f"  EMA top-1 {rec['ema_val_top1']:.3f} loss {rec['ema_val_loss']:.4f}"
