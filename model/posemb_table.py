@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 
-def _axis(pos: torch.Tensor, grid: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _axis(
+    pos: torch.Tensor, grid: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lower index, upper index, weight of the upper) for positions ``pos`` of grids ``grid`` read
     from ``size`` table cells; all (...) shaped."""
     num = ((2 * pos + 1) * size - grid).clamp_min(0)  # (...) numerator of the source coordinate

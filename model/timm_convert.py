@@ -127,7 +127,9 @@ def convert_timm_vit(
     if grid * grid != pos.shape[0]:  # the table holds rows for the prefix tokens too
         grid = math.isqrt(pos.shape[0] - prefix)
         if prefix == 0 or grid * grid != pos.shape[0] - prefix:
-            raise TimmConvertError(f"pos_embed has {pos.shape[0]} rows: not a square grid (+ {prefix} prefix)")
+            raise TimmConvertError(
+                f"pos_embed has {pos.shape[0]} rows: not a square grid (+ {prefix} prefix)"
+            )
         pos = pos[prefix:]
     out["pos_embed.table"] = pos.contiguous()
 
@@ -171,12 +173,16 @@ def convert_timm_vit(
         for n in ("q", "kv", "proj", "mlp.fc1", "mlp.fc2"):
             _linear(out, f"pool.{n}", take(f"attn_pool.{n}.weight"), opt(f"attn_pool.{n}.bias"), None)
         if qk_norm != ("attn_pool.q_norm.weight" in sd):
-            raise TimmConvertError("attn_pool and blocks disagree on q/k norms (navit's pool follows qk_norm)")
+            raise TimmConvertError(
+                "attn_pool and blocks disagree on q/k norms (navit's pool follows qk_norm)"
+            )
         for n in ("norm", "q_norm", "k_norm") if qk_norm else ("norm",):
             out[f"pool.{n}.weight"] = take(f"attn_pool.{n}.weight")
             out[f"pool.{n}.bias"] = take(f"attn_pool.{n}.bias")
     elif "cls_token" in sd:
-        notes.append("global_pool 'token' becomes mean pooling: the head sees other features until fine-tuned")
+        notes.append(
+            "global_pool 'token' becomes mean pooling: the head sees other features until fine-tuned"
+        )
 
     num_classes = 0
     if "head.weight" in sd:
@@ -193,7 +199,9 @@ def convert_timm_vit(
         raise TimmConvertError(f"unknown timm keys {unknown[:4]}{more}: not a standard ViT layout")
     if heads is None:
         heads = HEADS_BY_DIM.get(dim, max(1, dim // 64))
-        notes.append(f"heads={heads} assumed for width {dim} (set model.overrides.heads if the model differs)")
+        notes.append(
+            f"heads={heads} assumed for width {dim} (set model.overrides.heads if the model differs)"
+        )
     if dim % heads:
         raise TimmConvertError(f"width {dim} is not divisible by heads={heads}")
     model_config = {
