@@ -59,7 +59,8 @@ def main() -> None:
         pred = lin(torch.from_numpy((xte - mu) / sd)).argmax(-1).numpy()
         train_pred = lin(torch.from_numpy((xtr - mu) / sd)).argmax(-1).numpy()
     print(f"train images {len(ytr)}, held-out images {len(yte)}, embedding dim {xtr.shape[1]}")
-    print(f"linear probe: train top-1 {np.mean(train_pred == ytr):.3f}, held-out top-1 {np.mean(pred == yte):.3f}")
+    train_acc, heldout_acc = np.mean(train_pred == ytr), np.mean(pred == yte)
+    print(f"linear probe: train top-1 {train_acc:.3f}, held-out top-1 {heldout_acc:.3f}")
     if head is not None:
         print(f"the model's own head: held-out top-1 {np.mean(head == yte):.3f}")
 

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from train_fixtures import CLASSES, make_images, run_cli, write_image_folder
 
 from model import NaViT, NaViTConfig, pack_images
 from model.pretrained import save_pretrained
-from train_fixtures import CLASSES, make_images, run_cli, write_image_folder
 from trainer.embed import EMBED_META_KEY, LoadedModel, _forward_chunk, embed_source
 
 PATCH = 8
@@ -56,8 +56,15 @@ def test_embed_writes_every_input_with_the_models_own_forward(folder, tmp_path):
     loaded = LoadedModel(net, PATCH, 64, names, {"test": True})
     out = tmp_path / "emb.parquet"
     s = embed_source(
-        loaded, str(root), out, resolution=None, seq_len=64, batch_tokens=128, device=torch.device("cpu"),
-        topk=3, chunk_images=5,  # three chunks: the streaming path
+        loaded,
+        str(root),
+        out,
+        resolution=None,
+        seq_len=64,
+        batch_tokens=128,
+        device=torch.device("cpu"),
+        topk=3,
+        chunk_images=5,  # three chunks: the streaming path
     )
     t = pq.read_table(out)
     assert (s.images_in, s.embedded, s.rejected, s.skipped_files) == (13, 12, 1, 1)
@@ -84,10 +91,22 @@ def test_embed_writes_every_input_with_the_models_own_forward(folder, tmp_path):
 def test_cli_embeds_an_export_at_a_resolution_in_float16(folder, tmp_path, capsys):
     root, _ = folder
     net = tiny_model()
-    save_pretrained(tmp_path / "exp", net.state_dict(), net.cfg.to_dict(), class_names=list(CLASSES), seq_len=64)
+    save_pretrained(
+        tmp_path / "exp", net.state_dict(), net.cfg.to_dict(), class_names=list(CLASSES), seq_len=64
+    )
     out = tmp_path / "e16.parquet"
     code, cap = run_cli(
-        ["embed", str(tmp_path / "exp"), str(root), "--out", str(out), "--resolution", "32", "--dtype", "float16"],
+        [
+            "embed",
+            str(tmp_path / "exp"),
+            str(root),
+            "--out",
+            str(out),
+            "--resolution",
+            "32",
+            "--dtype",
+            "float16",
+        ],
         capsys,
     )
     assert code == 0, cap.err
@@ -116,8 +135,14 @@ def test_a_failure_midway_leaves_no_output_and_no_temp_file(folder, tmp_path, mo
     out = tmp_path / "emb.parquet"
     with pytest.raises(RuntimeError, match="simulated"):
         embed_source(
-            loaded, str(root), out, resolution=None, seq_len=64, batch_tokens=64,
-            device=torch.device("cpu"), chunk_images=4,
+            loaded,
+            str(root),
+            out,
+            resolution=None,
+            seq_len=64,
+            batch_tokens=64,
+            device=torch.device("cpu"),
+            chunk_images=4,
         )
     assert list(tmp_path.iterdir()) == []
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from model import NaViT, NaViTConfig, pack_images
 from test_timm_convert import HEADS, make_timm_state
 from train_fixtures import make_images, run_cli, write_pack
+
+from model import NaViT, NaViTConfig, pack_images
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = 8
@@ -37,7 +37,17 @@ def setup(tmp_path_factory):
 
 
 def _train(argv, capsys, setup, out):
-    common = ["train", "--data", str(setup["pack"]), "--out", str(out), "--device", "cpu", "--batch-size", "4"]
+    common = [
+        "train",
+        "--data",
+        str(setup["pack"]),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+    ]
     return run_cli([*common, "--warmup", "0", *argv], capsys)
 
 
@@ -46,7 +56,11 @@ def test_export_round_trip_reproduces_the_model(setup, tmp_path, capsys):
     assert code == 0, cap.err
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
-    assert cfg["format"] == "navit-export" and cfg["class_names"] == ["a", "b", "c", "d"] and cfg["seq_len"] == 64
+    assert (
+        cfg["format"] == "navit-export"
+        and cfg["class_names"] == ["a", "b", "c", "d"]
+        and cfg["seq_len"] == 64
+    )
     loaded = NaViT.from_pretrained(tmp_path / "exp")
     assert loaded.class_names == ["a", "b", "c", "d"] and not loaded.training
     batch = pack_images(setup["images"][:6], PATCH, 64)
@@ -84,7 +98,16 @@ def test_from_pretrained_needs_only_torch_and_safetensors(setup, tmp_path):
 
 def test_freeze_trunk_trains_only_the_head(setup, tmp_path, capsys):
     code, cap = _train(
-        ["--init-from", str(setup["base"] / "run"), "--steps", "3", "--set", "train.freeze=trunk", "--lr", "0.01"],
+        [
+            "--init-from",
+            str(setup["base"] / "run"),
+            "--steps",
+            "3",
+            "--set",
+            "train.freeze=trunk",
+            "--lr",
+            "0.01",
+        ],
         capsys,
         setup,
         tmp_path / "probe",
@@ -102,12 +125,26 @@ def test_reset_head_gives_a_new_head_for_other_classes(setup, tmp_path, capsys):
     exp = tmp_path / "exp"
     assert run_cli(["export", str(setup["base"] / "run"), "--out", str(exp)], capsys)[0] == 0
     # 6 classes wanted, the export's head has 4: refused without --reset-head ...
-    code, cap = _train(["--init-from", str(exp), "--steps", "1", "--set", "model.num_classes=6"], capsys, setup,
-                       tmp_path / "r1")
+    code, cap = _train(
+        ["--init-from", str(exp), "--steps", "1", "--set", "model.num_classes=6"],
+        capsys,
+        setup,
+        tmp_path / "r1",
+    )
     assert code == 2 and "--reset-head" in cap.err and cap.err.count("\n") == 1
     # ... and with it, the trunk starts from the export and the head is new, 6 wide.
     code, cap = _train(
-        ["--init-from", str(exp), "--reset-head", "--steps", "1", "--set", "model.num_classes=6", "--lr", "1e-9"],
+        [
+            "--init-from",
+            str(exp),
+            "--reset-head",
+            "--steps",
+            "1",
+            "--set",
+            "model.num_classes=6",
+            "--lr",
+            "1e-9",
+        ],
         capsys,
         setup,
         tmp_path / "r2",
@@ -116,14 +153,23 @@ def test_reset_head_gives_a_new_head_for_other_classes(setup, tmp_path, capsys):
     w = load_file(str(tmp_path / "r2" / "checkpoints" / "step-00000001" / "model.safetensors"))
     assert w["head.weight"].shape == (6, 32)
     src = setup["net"].state_dict()
-    torch.testing.assert_close(w["blocks.1.mlp.fc2.weight"], src["blocks.1.mlp.fc2.weight"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        w["blocks.1.mlp.fc2.weight"], src["blocks.1.mlp.fc2.weight"], atol=1e-6, rtol=0
+    )
 
 
 def test_init_from_a_timm_state_dict_then_fine_tune(setup, tmp_path, capsys):
     sd = make_timm_state("avg")  # patch 8, 4x4 position table, 5-class head
     save_file(sd, str(tmp_path / "vit.safetensors"))
     code, cap = _train(
-        ["--init-from", str(tmp_path / "vit.safetensors"), "--steps", "2", "--set", f"model.overrides.heads={HEADS}"],
+        [
+            "--init-from",
+            str(tmp_path / "vit.safetensors"),
+            "--steps",
+            "2",
+            "--set",
+            f"model.overrides.heads={HEADS}",
+        ],
         capsys,
         setup,
         tmp_path / "ft",
@@ -131,7 +177,11 @@ def test_init_from_a_timm_state_dict_then_fine_tune(setup, tmp_path, capsys):
     assert code == 0, cap.err
     meta = json.loads((tmp_path / "ft" / "checkpoints" / "step-00000002" / "meta.json").read_text())
     assert meta["model_config"]["posemb"] == "table2d" and meta["model_config"]["num_classes"] == 5
-    assert meta["init_from"] == {"kind": "timm", "path": str(tmp_path / "vit.safetensors"), "reset_head": False}
+    assert meta["init_from"] == {
+        "kind": "timm",
+        "path": str(tmp_path / "vit.safetensors"),
+        "reset_head": False,
+    }
 
 
 @pytest.mark.parametrize(

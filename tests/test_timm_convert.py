@@ -21,11 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from train_fixtures import run_cli
 
 from model import NaViT, NaViTConfig, pack_images
 from model.posemb_table import TablePosEmb
 from model.timm_convert import TimmConvertError, convert_timm_vit
-from train_fixtures import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,10 @@ def make_timm_state(pool: str, *, fc_norm=False, layerscale=False, qkv_bias=True
             sd[b + "attn.qkv.bias"] = r(3 * DIM)
         if qk_norm:
             for n in ("q_norm", "k_norm"):
-                sd[f"{b}attn.{n}.weight"], sd[f"{b}attn.{n}.bias"] = r(DIM // HEADS, mean=1.0), r(DIM // HEADS)
+                sd[f"{b}attn.{n}.weight"], sd[f"{b}attn.{n}.bias"] = (
+                    r(DIM // HEADS, mean=1.0),
+                    r(DIM // HEADS),
+                )
         sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"] = r(DIM, DIM), r(DIM)
         sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"] = r(4 * DIM, DIM), r(4 * DIM)
         sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"] = r(DIM, 4 * DIM), r(DIM)
@@ -151,7 +154,9 @@ def reference_forward(sd, images: torch.Tensor, pool: str, mean, std):
         k, v = _lin(x, sd, "attn_pool.kv").reshape(n, -1, 2, HEADS, hd).permute(2, 0, 3, 1, 4).unbind(0)
         a = torch.softmax(q.transpose(1, 2) @ k.transpose(-2, -1) / math.sqrt(hd), -1) @ v  # (N, H, 1, hd)
         o = _lin(a.transpose(1, 2).reshape(n, 1, d), sd, "attn_pool.proj")
-        o = o + _lin(F.gelu(_lin(_ln(o, sd, "attn_pool.norm"), sd, "attn_pool.mlp.fc1")), sd, "attn_pool.mlp.fc2")
+        o = o + _lin(
+            F.gelu(_lin(_ln(o, sd, "attn_pool.norm"), sd, "attn_pool.mlp.fc1")), sd, "attn_pool.mlp.fc2"
+        )
         feats = o[:, 0]
     else:
         feats = x.mean(1)

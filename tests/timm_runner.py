@@ -88,7 +88,13 @@ def main(out: Path) -> None:
     x = x.permute(0, 3, 1, 2).contiguous()
     for name, kw in CASES.items():
         net = VisionTransformer(
-            img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES, **kw
+            img_size=IMG,
+            patch_size=PATCH,
+            embed_dim=DIM,
+            depth=DEPTH,
+            num_heads=HEADS,
+            num_classes=CLASSES,
+            **kw,
         ).eval()
         with torch.no_grad():
             for p in net.parameters():  # random weights everywhere (norms and biases too)
