@@ -256,7 +256,7 @@ def embed_source(
                 good = [j for j, d in enumerate(decoded) if d.arr is not None]
                 emb = lg = None
                 if good:
-                    with torch.inference_mode():
+                    with torch.no_grad():  # as navit eval
                         emb, lg, n_rows = _forward_chunk(
                             net, [decoded[j].arr for j in good], patch, seq_len, rows_per_forward, device
                         )
