@@ -176,6 +176,18 @@ def register(app: typer.Typer) -> None:
         resolution: ResolutionOpt = None,
         token_drop: TokenDropOpt = None,
         ray_address: RayAddressOpt = None,
+        init_from: Annotated[
+            str | None,
+            typer.Option(
+                "--init-from",
+                help="start from weights: a navit export, checkpoint or run folder, or a timm ViT state "
+                "dict (.safetensors/.pth, or a timm model folder)",
+                show_default=False,
+            ),
+        ] = None,
+        reset_head: Annotated[
+            bool, typer.Option("--reset-head", help="with --init-from: a new classifier head for this data")
+        ] = False,
     ) -> None:
         """Train NaViT (AdamW, warmup + cosine, per-image loss, checkpoints, exact --resume, DDP)."""
         from packer.errors import ConfigError
@@ -183,6 +195,10 @@ def register(app: typer.Typer) -> None:
 
         if (data is None) == (images is None):
             raise ConfigError("give exactly one of --data DIR|flight://HOST:PORT or --images SOURCE")
+        if reset_head and init_from is None:
+            raise ConfigError("--reset-head needs --init-from (a new run's head is always fresh)")
+        # `train.` names the config file's train section: --set train.freeze=trunk = --set freeze=trunk.
+        sets = [x[len("train.") :] if x.startswith("train.") else x for x in sets or []]
         # --set keys split by their first segment: TrainConfig's sections, else the live pack config's.
         train_sets = [x for x in sets or [] if x.split("=", 1)[0].split(".")[0] in TrainConfig.model_fields]
         pack_sets = [x for x in sets or [] if x not in train_sets]
@@ -217,6 +233,8 @@ def register(app: typer.Typer) -> None:
             from trainer.validate import check_val_spec
 
             check_val_spec(val)
+        if init_from is not None and not Path(init_from).exists():
+            raise ConfigError(f"--init-from {init_from}: not found")
         token = None
         if token_file is not None:
             from trainer.flight_client import read_token_file
@@ -238,7 +256,9 @@ def register(app: typer.Typer) -> None:
 
         from trainer.loop import train as run_train
 
-        run_train(cfg, source_factory, out, resume=resume, val=val)
+        run_train(
+            cfg, source_factory, out, resume=resume, val=val, init_from=init_from, reset_head=reset_head
+        )
 
 
 def _source_factory(

@@ -28,10 +28,12 @@ from trainer.batch import BatchSource, DataPosition, HostBatch
 from trainer.config import TrainConfig, incompatible_fields
 from trainer.distributed import all_gather_json, all_reduce_tensor, barrier, init_distributed
 from trainer.ema import ModelEMA
+from trainer.init_from import apply_freeze, prepare_init
 from trainer.loggers import open_sinks
 from trainer.memory import check_memory
 from trainer.metrics import MetricsLogger
 from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
+from trainer.optim import build_optimizer, grad_norm
 from trainer.pending import PendingSteps
 from trainer.validate import Validation
 
@@ -62,19 +64,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     return torch.device(name)
-
-
-def lr_lambda(cfg: TrainConfig) -> Any:
-    """Multiplier of the peak lr at step s: linear warmup to 1, then cosine to min_lr_ratio."""
-    steps, warm, floor = cfg.schedule.steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio
-
-    def f(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        t = min(1.0, (s - warm) / max(1, steps - warm))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return f
 
 
 RUN_MARKERS = (ckpt.CKPT_DIR, "metrics.jsonl")  # what makes a folder a navit run (train writes both)
@@ -126,15 +115,6 @@ def build_model(
     return NaViT(mcfg), mcfg
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # No decay on biases, norms, embeddings' 1-D params: the usual ViT recipe.
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _data_fingerprint(source: BatchSource) -> str:
     ident = getattr(source, "fingerprint", None) or source.description
     return f"{ident} seq_len={source.seq_len} patch={source.patch_size}"
@@ -150,13 +130,17 @@ def train(
     verbose: bool = True,
     class_names: list[str] | None = None,
     val: str | None = None,
+    init_from: str | Path | None = None,
+    reset_head: bool = False,
 ) -> TrainResult:
     """Run (or resume) training into ``out``. ``source`` is a BatchSource for *this* rank, or a
     callable ``(DistInfo) -> BatchSource`` (built after the process group is up).
 
     ``stop_after``: stop after this global step as if interrupted (for tests and time-boxed jobs);
     the schedule still targets ``cfg.schedule.steps``. ``val``: a held-out pack or image folder,
-    evaluated every ``cfg.eval_every`` steps and at the end (trainer/validate.py)."""
+    evaluated every ``cfg.eval_every`` steps and at the end (trainer/validate.py).
+    ``init_from``/``reset_head``: start a new run from existing weights (trainer/init_from.py;
+    ignored on resume, the run has its own)."""
     run = Path(out)
     check_run_dir(run, resume)
     device = resolve_device(cfg.device)
@@ -197,20 +181,19 @@ def train(
             raise NavitError(f"--resume: {run} was trained on {state.meta.get('data')!r}, not on this data")
         num_classes = int(state.meta["model_config"].get("num_classes", num_classes))
 
-    check_memory(cfg, num_classes, source, device, info, build_model)
+    init = prepare_init(init_from, cfg, source, reset_head) if init_from and state is None else None
+    num_classes = init.num_classes if init else num_classes
+    stored = state.meta["model_config"] if state is not None else (init.model_config if init else None)
+    check_memory(cfg, num_classes, source, device, info, build_model, stored)
     torch.manual_seed(cfg.seed)
-    stored = state.meta["model_config"] if state is not None else None
     model, mcfg = build_model(cfg, num_classes, source.patch_size, stored)
     if state is not None:
         model.load_state_dict(state.weights)
+    elif init is not None:
+        init.apply(model)
+    trainable = apply_freeze(model, cfg.freeze)
     model.to(device)
-    opt = torch.optim.AdamW(
-        _param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    opt, sched = build_optimizer(model, cfg)
     step = 0
     counters = {"images": 0, "real_tokens": 0, "tokens": 0}
     position = DataPosition()
@@ -250,10 +233,13 @@ def train(
         sinks=sinks,
     )
     n_params = sum(p.numel() for p in model.parameters())
+    for note in init.notes if init else []:
+        log.message(f"note: --init-from: {note}")
+    frozen = f", {trainable / 1e6:.2f}M trainable" if trainable < n_params else ""
     log.message(
-        f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params, {num_classes} classes) on "
+        f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params{frozen}, {num_classes} classes) on "
         f"{device}{f' x{info.world_size}' if info.enabled else ''}, {source.description}, "
-        f"{'resuming at step ' + str(step) if state else 'from scratch'}"
+        f"{'resuming at step ' + str(step) if state else f'from {init_from}' if init else 'from scratch'}"
     )
     log.event({"event": "resume" if state else "start", "step": step, "config": cfg.model_dump(mode="json")})
 
@@ -265,6 +251,7 @@ def train(
         "seq_len": source.seq_len,
         "patch_size": source.patch_size,
         "class_names": class_names or getattr(source, "class_names", None),
+        "init_from": init.record() if init else (state.meta.get("init_from") if state else None),
     }
     validation = None
     if val is not None:
@@ -358,7 +345,7 @@ def train(
             gnorm = (
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 if cfg.optim.grad_clip > 0
-                else _grad_norm(model)
+                else grad_norm(model)
             )
             sums = torch.stack([loss_sum, correct.double()])
             sums = torch.cat([all_reduce_tensor(sums, info), gnorm.detach().double().reshape(1)])
@@ -425,8 +412,3 @@ def train(
             )
     log.close()
     return result
-
-
-def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())

@@ -94,15 +94,22 @@ def _cgroup_available() -> int | None:
 
 
 def check_memory(
-    cfg: Any, num_classes: int, source: Any, device: torch.device, info: Any, build_model: Any
+    cfg: Any,
+    num_classes: int,
+    source: Any,
+    device: torch.device,
+    info: Any,
+    build_model: Any,
+    stored: dict[str, Any] | None = None,
 ) -> None:
     """Refuse (one line, on every rank) a step whose memory floor exceeds what this process has:
-    before the model, the optimizer or any batch is allocated. ``build_model``: trainer.loop's."""
+    before the model, the optimizer or any batch is allocated. ``build_model``: trainer.loop's;
+    ``stored``: the model config it is given (a resumed run's, or --init-from's)."""
     from packer.errors import ConfigError
     from trainer.distributed import all_reduce_sum
 
     with torch.device("meta"):  # shapes only: no memory, no RNG draws
-        shell, mcfg = build_model(cfg, num_classes, source.patch_size)
+        shell, mcfg = build_model(cfg, num_classes, source.patch_size, stored)
     est = estimate_step(
         sum(p.numel() for p in shell.parameters()),
         mcfg.depth,
