@@ -64,7 +64,10 @@ class _Progress:
 def register(app: typer.Typer) -> None:
     @app.command("embed")
     def embed(
-        checkpoint: Annotated[str, typer.Argument(help="navit export folder, checkpoint or run folder")],
+        checkpoint: Annotated[
+            str,
+            typer.Argument(help="navit export folder, checkpoint or run folder, or a timm ViT state dict"),
+        ],
         source: Annotated[
             str, typer.Argument(help="image folder, manifest (csv/jsonl/parquet) or s3:// / gs:// URI")
         ],
@@ -127,7 +130,8 @@ def register(app: typer.Typer) -> None:
             reporter.close()
         cfg = loaded.net.cfg
         pad = 1 - s.real_tokens / s.row_tokens if s.row_tokens else 0.0
-        where = loaded.description.get("checkpoint") or loaded.description.get("export")
+        desc = loaded.description
+        where = desc.get("checkpoint") or desc.get("export") or desc.get("path")
         lines = [
             f"navit embed: {out}  ({s.seconds:.1f}s)",
             f"  model       {where}: dim {cfg.dim}, patch {cfg.patch_size}, "

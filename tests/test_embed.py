@@ -168,3 +168,22 @@ def test_bad_input_is_one_line_and_exit_code_2(folder, tmp_path, capsys, argv, w
     code, cap = run_cli(args, capsys)
     assert code == 2 and words in cap.err and cap.err.count("\n") == 1, cap.err
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_embed_a_timm_state_dict_directly(folder, tmp_path, capsys):
+    """A timm ViT state dict is converted on the fly: the embeddings equal those of its export."""
+    from safetensors.torch import save_file
+    from test_timm_convert import make_timm_state
+
+    root, _ = folder
+    save_file(make_timm_state("map"), str(tmp_path / "vit.safetensors"))
+    argv = ["embed", str(tmp_path / "vit.safetensors"), str(root), "--out", str(tmp_path / "a.parquet")]
+    assert run_cli(argv, capsys)[0] == 0
+    assert (
+        run_cli(["export", str(tmp_path / "vit.safetensors"), "--out", str(tmp_path / "exp")], capsys)[0] == 0
+    )
+    argv = ["embed", str(tmp_path / "exp"), str(root), "--out", str(tmp_path / "b.parquet")]
+    assert run_cli(argv, capsys)[0] == 0
+    a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    assert a.column("embedding").to_pylist() == b.column("embedding").to_pylist()
+    assert sum(a.column("ok").to_pylist()) == 12

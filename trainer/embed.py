@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -48,7 +49,8 @@ class LoadedModel:
 
 
 def load_any_model(path: str | Path, device: torch.device) -> LoadedModel:
-    """A `navit export` folder, a checkpoint folder, or a run folder (its newest checkpoint)."""
+    """A `navit export` folder, a checkpoint folder, a run folder (its newest checkpoint), or a timm
+    ViT state dict file (converted as ``--init-from`` does)."""
     from model import NaViT, NaViTConfig
     from model.pretrained import PretrainedError, is_export, read_export
     from trainer.checkpoint import load_checkpoint
@@ -56,7 +58,14 @@ def load_any_model(path: str | Path, device: torch.device) -> LoadedModel:
     p = Path(path)
     if not p.exists():
         raise NavitError(f"checkpoint not found: {path}")
-    if is_export(p):
+    if p.is_file():  # a timm ViT state dict: converted on the fly (trainer/init_from.py)
+        from trainer.init_from import read_init_source
+
+        src = read_init_source(p, what="checkpoint")
+        meta, weights, desc = {"model_config": src.model_config}, src.weights, src.record()
+        for note in src.notes:
+            print(f"note: {note}", file=sys.stderr)
+    elif is_export(p):
         try:
             meta, weights = read_export(p)
         except PretrainedError as e:
