@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from packer import schema
-from packer.errors import NavitError
+from packer.errors import DataError, NavitError
 from trainer.batch import HostBatch, Rows, collate_rows
 
 # ----------------------------------------------------------------------------------------------------
@@ -342,11 +343,16 @@ def iter_pack_rows(data_dir: str, batch_rows: int, verify: bool = True) -> Itera
     from trainer.shards import open_shard_set
 
     shards = open_shard_set(data_dir, verify=verify)
+    limits = schema.RowLimits.from_index(shards.index)
     for s, f in enumerate(shards.files):
         if shards.shard_epoch[s] != 0:
             continue
-        for table in schema.iter_row_groups(data_dir, f):
-            yield from _batched(Rows.from_arrow(table), batch_rows)
+        try:  # page CRC32s are checked as each row group is read
+            for table in schema.iter_row_groups(data_dir, f):
+                schema.check_rows(table, limits, f"{data_dir}/{f}")
+                yield from _batched(Rows.from_arrow(table), batch_rows)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{data_dir}/{f}: unreadable ({str(e).strip().splitlines()[0]})") from None
 
 
 def evaluate_shards(
