@@ -36,6 +36,23 @@ class SourceConfig(_Stage):
     )
     extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="accepted file extensions (any case)")
     follow_hidden: bool = Field(False, description="include hidden files and folders (names starting '.')")
+    format: Literal["auto", "folder", "manifest", "wds", "parquet"] = Field(
+        "auto",
+        description="source layout. 'auto': *.tar / a brace or glob pattern of them / a folder holding only "
+        ".tar files → 'wds' (WebDataset shards); a .parquet file with the image column, or a folder of "
+        "only such files → 'parquet' (image bytes); other .csv/.jsonl/.parquet → 'manifest'; else 'folder'",
+    )
+    label_field: str = Field(
+        "label",
+        min_length=1,
+        description="wds: the field of a sample's .json holding its label (when no .cls)",
+    )
+    image_column: str = Field(
+        "image", min_length=1, description="parquet: the image column (binary, or struct{bytes, path})"
+    )
+    label_column: str = Field(
+        "label", min_length=1, description="parquet: the label column (integer, or string class names)"
+    )
 
 
 class ResolutionConfig(_Stage):

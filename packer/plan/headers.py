@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from packer import members
 from packer.imagefile import (
     EXIF_ORIENTATION,
     ImageHeaderError,
@@ -66,7 +67,9 @@ class Headers:
         return np.array([not r for r in self.reason], dtype=bool)
 
 
-def _open_stream(path: str) -> Any:
+def _open_stream(path: str, cache: members.RowGroupCache | None = None) -> Any:
+    if members.is_locator(path):  # a tar member (only its bytes are read) or a Parquet row
+        return members.open_stream(path, cache)
     if "://" in path and not path.startswith("file://"):
         from packer.storage import object_filesystem
 
@@ -94,13 +97,18 @@ def _orientation(img: Image.Image) -> int:
     return o if 1 <= o <= 8 else 1
 
 
-def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
+def read_header(
+    path: str, max_pixels: int, cache: members.RowGroupCache | None = None
+) -> tuple[int, int, int, str]:
     """(width, height, orientation, format) of one file, width/height as displayed (after EXIF
-    orientation). Raises HeaderError with the reason. Reads only the header bytes."""
+    orientation). Raises HeaderError with the reason. Reads only the header bytes (a Parquet row:
+    its row group's image column, through ``cache``)."""
     try:
-        f = _open_stream(path)
+        f = _open_stream(path, cache)
     except OSError as e:
         raise HeaderError(unreadable_reason(e)) from None
+    except members.MemberError as e:
+        raise HeaderError(e.reason) from None
     with f:
         try:
             head = f.read(16)
@@ -138,9 +146,12 @@ def _scan_rows(image_ids: np.ndarray, paths: Sequence[str], max_pixels: int) -> 
         "format": [""] * n,
         "reason": [""] * n,
     }
-    for i, p in enumerate(paths):
+    cache = members.RowGroupCache()
+    # Container reads in file order (tar offsets, Parquet row groups): each row group read once.
+    for i in sorted(range(n), key=lambda j: members.order_key(paths[j])):
+        p = paths[i]
         try:
-            w, h, o, fmt = read_header(p, max_pixels)
+            w, h, o, fmt = read_header(p, max_pixels, cache)
         except HeaderError as e:
             out["reason"][i] = e.reason
             continue
@@ -180,7 +191,9 @@ def scan_headers(
     caps the CPUs (embedded Ray) and the concurrent tasks."""
     ids = np.asarray(image_ids, np.int64)
     if use_ray is None:
-        remote = len(paths) > 0 and "://" in paths[0] and not paths[0].startswith("file://")
+        first = members.parse(paths[0]) if paths else None
+        where = paths[0] if first is None else getattr(first, "shard", getattr(first, "file", ""))
+        remote = len(paths) > 0 and "://" in where and not where.startswith("file://")
         threshold = RAY_MIN_REMOTE_FILES if remote else RAY_MIN_LOCAL_FILES
         use_ray = ray_address is not None or len(paths) >= threshold
     if not use_ray or len(paths) == 0:
@@ -199,6 +212,12 @@ def scan_headers(
     batch = int(min(_BATCH, max(16, -(-len(paths) // (4 * cpus)))))
     # Paths travel as bytes: a file name that is not valid UTF-8 (surrogate-escaped in Python) has
     # no Arrow string form.
+    # Batches follow container order (tar shard + offset, Parquet row group), so a batch reads
+    # neighbouring members and each Parquet row group is read by few batches; results are re-sorted
+    # by image_id below.
+    by_container = sorted(range(len(paths)), key=lambda j: members.order_key(paths[j]))
+    ids = ids[by_container]
+    paths = [paths[j] for j in by_container]
     raw_paths = [p.encode("utf-8", "surrogateescape") for p in paths]
     table = pa.table({"image_id": pa.array(ids, pa.int64()), "path": pa.array(raw_paths, pa.binary())})
     ds = ray.data.from_arrow([table.slice(s, batch) for s in range(0, len(paths), batch)])
