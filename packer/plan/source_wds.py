@@ -107,11 +107,13 @@ def read_shard(location: str, cfg: SourceConfig) -> tuple[list[_Sample], str]:
                     samples.append(_Sample(key, location, info.offset))
                 s = samples[-1]
                 s.exts.append(ext)
-                if info.offset_data + info.size > total:
+                if info.offset_data + info.size > total:  # the file ends inside this member
                     s.problem = s.problem or (
                         f"truncated tar member: {max(0, total - info.offset_data)} of {info.size} bytes"
                     )
-                    continue
+                    if ext.lower() in exts and s.image is None:
+                        s.image = info  # keyed by its name; rejected for the truncation
+                    return samples, ""  # nothing can follow; the member carries the reason
                 if ext.lower() in exts:
                     if s.image is None:
                         s.image = info
