@@ -116,7 +116,8 @@ def open_random_access(location: str) -> Any:
 
 def _read_at(f: Any, offset: int, size: int) -> bytes:
     if hasattr(f, "read_at"):  # pyarrow NativeFile: one ranged request
-        return f.read_at(size, offset).to_pybytes()
+        data = f.read_at(size, offset)
+        return data if isinstance(data, bytes) else data.to_pybytes()
     f.seek(offset)
     return f.read(size)
 
@@ -223,7 +224,7 @@ def _row_bytes(loc: ParquetRow, value: Any) -> bytes:
     target = resolve_relative(loc.file, str(path))
     try:
         with open_random_access(target) as f:
-            return f.read() if not hasattr(f, "read_at") else f.read_at(f.size(), 0).to_pybytes()
+            return _read_at(f, 0, f.size()) if hasattr(f, "read_at") else f.read()
     except OSError as e:
         from packer.imagefile import unreadable_reason
 

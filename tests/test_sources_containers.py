@@ -170,7 +170,12 @@ def test_parquet_struct_and_binary_columns_labels_and_null_bytes(tmp_path):
 @pytest.mark.parametrize(
     ("image", "label", "cfg", "message"),
     [
-        (pa.array(["x.jpg"]), None, {}, r"column 'image' is string, expected binary or struct\{bytes, path\}"),
+        (
+            pa.array(["x.jpg"]),
+            None,
+            {},
+            r"column 'image' is string, expected binary or struct\{bytes, path\}",
+        ),
         (pa.array([b"x"]), pa.array([1.5]), {}, "label column 'label' is double, expected an integer"),
         (pa.array([b"x"]), None, {"image_column": "img"}, "no image column 'img' \\(columns: image\\)"),
     ],
@@ -197,4 +202,6 @@ def test_row_group_reads_are_grouped(layouts, monkeypatch):
     listing = list_source(str(layouts["parquet"]))
     shuffled = [listing.paths[i] for i in np.random.default_rng(0).permutation(len(listing))]
     got = members.read_many(shuffled)
-    assert sorted(got) == sorted(listing.paths) and len(calls) == len(set(calls)) == 3  # 3 files, 1 row group each
+    assert (
+        sorted(got) == sorted(listing.paths) and len(calls) == len(set(calls)) == 3
+    )  # 3 files, 1 row group each

@@ -72,7 +72,14 @@ def test_images_parquet_records_shard_and_member(packed, kind, container):
         where = loc.shard if kind == "wds" else loc.file
         assert where.endswith(container)
         key = loc.member if kind == "wds" else None
-        assert key is None or key.split("/")[0] in {"checker", "circle", "cross", "square", "stripes", "triangle"}
+        assert key is None or key.split("/")[0] in {
+            "checker",
+            "circle",
+            "cross",
+            "square",
+            "stripes",
+            "triangle",
+        }
 
 
 def test_resume_rebuilds_a_lost_shard_from_tar(sources, packed, tmp_path):
@@ -100,6 +107,8 @@ def test_bad_parquet_source_is_one_line_exit_2(tmp_path, capsys):
     )
     assert code == 2
     errors = [line for line in out.err.splitlines() if line.startswith("error")]
-    assert errors == ["error: parquet d.parquet: column 'image' is int64, expected binary or struct{bytes, path}"]
+    assert errors == [
+        "error: parquet d.parquet: column 'image' is int64, expected binary or struct{bytes, path}"
+    ]
     assert "Traceback" not in out.err
     assert not (tmp_path / "o").exists()
