@@ -14,7 +14,11 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
         source: Annotated[
-            str, typer.Argument(help="labeled image folder (ROOT/<class>/...) or pack directory")
+            str,
+            typer.Argument(
+                help="labeled image folder (ROOT/<class>/...), WebDataset .tar shards or Parquet image "
+                "files (a file, a pattern or a folder of them), or pack directory"
+            ),
         ],
         checkpoint: Annotated[
             Path, typer.Option("--checkpoint", help="checkpoint directory, or a run directory (newest)")
@@ -49,7 +53,11 @@ def register(app: typer.Typer) -> None:
         res = parse_resolutions(resolutions)
         dev = resolve_device(device)
         net, meta = load_model(checkpoint, dev)
-        is_pack = "://" in source or (Path(source) / schema.INDEX_FILE).is_file()
+        from packer.plan.containers import names_containers
+
+        is_pack = ("://" in source and not names_containers(source)) or (
+            Path(source) / schema.INDEX_FILE
+        ).is_file()
         if is_pack:
             results = evaluate_shards(net, source, device=dev, batch_rows=batch_rows)
         else:

@@ -20,8 +20,10 @@ from packer.errors import ConfigError, DataError
 
 
 def _is_pack_dir(path: str) -> bool:
-    if "://" in path:  # s3:// or gs:// pack directories
-        return True
+    if "://" in path:  # s3:// or gs:// pack directories; tar shards / Parquet files are a source
+        from packer.plan.containers import names_containers
+
+        return not names_containers(path)
     p = Path(path)
     # An unfinished pack (shards but no index.json yet) is a pack DIR too: read_index says why it
     # cannot be served, instead of trying to pack its shards as images.

@@ -60,8 +60,8 @@ def synth(
     dt = time.perf_counter() - t0
     rate = len(written) / dt if dt > 0 else float("inf")
     typer.echo(
-        f"wrote {len(written)} images ({fmt}) in {len(TASKS[task])} classes ({', '.join(TASKS[task])}) to {out} "
-        f"in {dt:.1f}s ({rate:.0f} images/s)"
+        f"wrote {len(written)} images ({fmt}) in {len(TASKS[task])} classes ({', '.join(TASKS[task])}) "
+        f"to {out} in {dt:.1f}s ({rate:.0f} images/s)"
     )
 
 

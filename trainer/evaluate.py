@@ -276,16 +276,16 @@ def evaluate_folder(
     chunk_images: int = 256,
 ) -> list[EvalResult]:
     """Accuracy on an ImageFolder at each resolution; images decoded once per chunk."""
-    paths, labels = list_image_folder(root, class_names)
+    from trainer.eval_sources import decode_many, is_container_source, list_container_images
+
+    containers = is_container_source(root)  # tar shards / Parquet files: read by offset / row group
+    paths, labels = (list_container_images if containers else list_image_folder)(root, class_names)
     accs = [_Accumulator() for _ in resolutions]
     skipped = 0
     for start in range(0, len(paths), chunk_images):
-        decoded = [
-            (_decode(p), lab)
-            for p, lab in zip(
-                paths[start : start + chunk_images], labels[start : start + chunk_images], strict=True
-            )
-        ]
+        chunk = paths[start : start + chunk_images]
+        images = decode_many(chunk) if containers else [_decode(p) for p in chunk]
+        decoded = list(zip(images, labels[start : start + chunk_images], strict=True))
         skipped += sum(img is None for img, _ in decoded)
         good = [(img, lab) for img, lab in decoded if img is not None]
         for acc, res in zip(accs, resolutions, strict=True):

@@ -106,3 +106,10 @@ def labels_from_values(values: list[int | str | None], where: str) -> tuple[np.n
     index = {c: i for i, c in enumerate(names)}
     out = [-1 if v is None else (index[v] if isinstance(v, str) else int(v)) for v in values]
     return np.asarray(out, dtype=np.int64).reshape(len(values)), names
+
+
+def names_containers(source: str) -> bool:
+    """Whether ``source`` names tar shards or Parquet files itself (a .tar / .parquet file or a
+    pattern): commands that take a pack directory *or* an image source tell them apart with it."""
+    lower = source.lower().rstrip("/")
+    return is_pattern(source) or lower.endswith((".tar", ".parquet"))
