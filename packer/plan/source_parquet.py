@@ -91,7 +91,7 @@ def _read_file(rel: str, location: str, cfg: SourceConfig, file_no: int, rows: l
         if col not in schema.names:
             raise NavitError(
                 f"{where}: no image column {col!r} (columns: {', '.join(schema.names)}); "
-                "choose one with --set source.image_column=NAME"
+                "choose one with --image-column NAME (or --set source.image_column=NAME)"
             )
         has_path = _image_kind(schema.field(col).type, col, where) and "path" in [
             schema.field(col).type.field(i).name for i in range(schema.field(col).type.num_fields)
