@@ -11,7 +11,7 @@ the image again without listing the container:
   image column COLUMN (binary, or a struct{bytes, path} as Hugging Face image datasets store it;
   null bytes fall back to reading ``path``, relative to FILE's folder). Parquet cannot read one row
   without decoding its row group's column chunk, so readers here group rows by row group and read
-  each row group's image column once (:class:`RowGroupCache`, :func:`read_many`); a whole file is
+  each row group's image column once (:class:`ContainerCache`, :func:`read_many`); a whole file is
   never loaded.
 
 The header scan (plan stage) and the decoder (build stage) both read through here, so they see the
@@ -164,19 +164,38 @@ def _container_reason(e: OSError, what: str) -> str:
     return unreadable_reason(e).replace("unreadable path", f"unreadable {what}", 1)
 
 
-def open_tar_member(loc: TarMember) -> io.BufferedReader:
-    """The member's bytes as a seekable file (only they are read). MemberError if the shard is gone
-    or shorter than the member."""
-    try:
-        base = open_random_access(loc.shard)
-        total = base.size() if hasattr(base, "size") else os.fstat(base.fileno()).st_size
-    except OSError as e:
-        raise MemberError(_container_reason(e, "tar shard")) from None
-    if loc.offset + loc.size > total:
-        base.close()
-        raise MemberError(f"truncated tar member: {max(0, total - loc.offset)} of {loc.size} bytes")
-    remote = hasattr(base, "read_at")
-    return io.BufferedReader(_Window(base, loc.offset, loc.size), 65536 if remote else 8192)
+class _Shard:
+    """An open tar shard and its size (one HEAD request on object storage, done once)."""
+
+    def __init__(self, location: str) -> None:
+        try:
+            self.file = open_random_access(location)
+            f = self.file
+            self.size = f.size() if hasattr(f, "read_at") else os.fstat(f.fileno()).st_size
+        except OSError as e:
+            raise MemberError(_container_reason(e, "tar shard")) from None
+        self.remote = hasattr(self.file, "read_at")
+
+    def check(self, loc: TarMember) -> None:
+        if loc.offset + loc.size > self.size:
+            raise MemberError(f"truncated tar member: {max(0, self.size - loc.offset)} of {loc.size} bytes")
+
+    def read(self, loc: TarMember) -> bytes:
+        self.check(loc)
+        try:
+            return _read_at(self.file, loc.offset, loc.size)
+        except OSError as e:
+            raise MemberError(_container_reason(e, "tar shard")) from None
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Unclosed(_Window):
+    """A window whose close leaves the shard open (the cache owns it)."""
+
+    def close(self) -> None:
+        io.RawIOBase.close(self)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,15 +250,44 @@ def _row_bytes(loc: ParquetRow, value: Any) -> bytes:
         raise MemberError(f"null image bytes; path {path!r}: {unreadable_reason(e)}") from None
 
 
-class RowGroupCache:
-    """Keeps the last row group read, so rows visited in (file, row group) order cost one read of
-    each row group's image column; memory is one row group's image bytes."""
+class ContainerCache:
+    """The last tar shard opened and the last Parquet row group read. Visiting members in container
+    order (:func:`order_key`) then opens each shard once and reads each row group's image column
+    once; memory is one row group's image bytes. Close it when done (or use ``with``)."""
 
     def __init__(self) -> None:
+        self._shard: _Shard | None = None
+        self._shard_key: str | None = None
         self._key: tuple[str, str, int] | None = None
         self._values: list[Any] | MemberError = []
 
-    def read(self, loc: ParquetRow) -> bytes:
+    def __enter__(self) -> ContainerCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._shard is not None:
+            self._shard.close()
+        self._shard, self._shard_key = None, None
+
+    def shard(self, loc: TarMember) -> _Shard:
+        if self._shard_key != loc.shard:
+            self.close()
+            self._shard_key = loc.shard
+            self._shard = _Shard(loc.shard)
+        assert self._shard is not None
+        return self._shard
+
+    def open_member(self, loc: TarMember) -> io.BufferedReader:
+        """The member's bytes as a seekable file; only what is read of it is fetched."""
+        shard = self.shard(loc)
+        shard.check(loc)
+        window = _Unclosed(shard.file, loc.offset, loc.size)
+        return io.BufferedReader(window, 65536 if shard.remote else 8192)
+
+    def read_row(self, loc: ParquetRow) -> bytes:
         key = (loc.file, loc.column, loc.row_group)
         if key != self._key:
             self._key = key
@@ -253,6 +301,15 @@ class RowGroupCache:
             raise MemberError(f"parquet row {loc.row} not found (row group {loc.row_group} is shorter)")
         return _row_bytes(loc, self._values[loc.index])
 
+    def read(self, path: str) -> bytes:
+        loc = parse(path)
+        if isinstance(loc, TarMember):
+            shard = self.shard(loc)
+            return shard.read(loc)
+        if isinstance(loc, ParquetRow):
+            return self.read_row(loc)
+        raise MemberError(f"not a member locator: {path}")
+
 
 def order_key(path: str) -> tuple[str, int, int]:
     """Sort key putting reads of the same container together, in file order."""
@@ -264,37 +321,33 @@ def order_key(path: str) -> tuple[str, int, int]:
     return (path, 0, 0)
 
 
-def read_bytes(path: str, cache: RowGroupCache | None = None) -> bytes:
+def read_bytes(path: str, cache: ContainerCache | None = None) -> bytes:
     """The bytes of a tar member or Parquet row. MemberError with the reason otherwise."""
-    loc = parse(path)
-    if isinstance(loc, TarMember):
-        with open_tar_member(loc) as f:
-            return f.read()
-    if isinstance(loc, ParquetRow):
-        return (cache or RowGroupCache()).read(loc)
-    raise MemberError(f"not a member locator: {path}")
+    if cache is not None:
+        return cache.read(path)
+    with ContainerCache() as own:
+        return own.read(path)
 
 
-def open_stream(path: str, cache: RowGroupCache | None = None) -> Any:
-    """A seekable binary file over a member (tar: only its bytes are read, lazily)."""
+def open_stream(path: str, cache: ContainerCache) -> Any:
+    """A seekable binary file over a member (tar: only the bytes read are fetched)."""
     loc = parse(path)
     if isinstance(loc, TarMember):
-        return open_tar_member(loc)
-    return io.BytesIO(read_bytes(path, cache))
+        return cache.open_member(loc)
+    return io.BytesIO(cache.read(path))
 
 
 def read_many(paths: Iterable[str]) -> dict[str, bytes | MemberError]:
-    """Bytes of the Parquet rows among ``paths`` (others are skipped: read them one by one), each row
-    group read once. For a shard task: its images come from anywhere in the set (the packing order
-    is shuffled), so reading row by row would decode a row group per image."""
-    rows = sorted({p for p in paths if isinstance(parse(p), ParquetRow)}, key=order_key)
-    cache = RowGroupCache()
+    """Bytes of the tar members and Parquet rows among ``paths`` (plain paths are left out: read
+    them one by one), in container order: each shard opened once, each row group read once. For a
+    shard task, whose images come from anywhere in the set (the packing order is shuffled): reading
+    row by row would decode a row group per image, and open a shard per member."""
+    wanted = sorted({p for p in paths if parse(p) is not None}, key=order_key)
     out: dict[str, bytes | MemberError] = {}
-    for p in rows:
-        loc = parse(p)
-        assert isinstance(loc, ParquetRow)
-        try:
-            out[p] = cache.read(loc)
-        except MemberError as e:
-            out[p] = e
+    with ContainerCache() as cache:
+        for p in wanted:
+            try:
+                out[p] = cache.read(p)
+            except MemberError as e:
+                out[p] = e
     return out

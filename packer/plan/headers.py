@@ -67,9 +67,9 @@ class Headers:
         return np.array([not r for r in self.reason], dtype=bool)
 
 
-def _open_stream(path: str, cache: members.RowGroupCache | None = None) -> Any:
+def _open_stream(path: str, cache: members.ContainerCache | None = None) -> Any:
     if members.is_locator(path):  # a tar member (only its bytes are read) or a Parquet row
-        return members.open_stream(path, cache)
+        return members.open_stream(path, cache or members.ContainerCache())
     if "://" in path and not path.startswith("file://"):
         from packer.storage import object_filesystem
 
@@ -98,7 +98,7 @@ def _orientation(img: Image.Image) -> int:
 
 
 def read_header(
-    path: str, max_pixels: int, cache: members.RowGroupCache | None = None
+    path: str, max_pixels: int, cache: members.ContainerCache | None = None
 ) -> tuple[int, int, int, str]:
     """(width, height, orientation, format) of one file, width/height as displayed (after EXIF
     orientation). Raises HeaderError with the reason. Reads only the header bytes (a Parquet row:
@@ -146,19 +146,19 @@ def _scan_rows(image_ids: np.ndarray, paths: Sequence[str], max_pixels: int) -> 
         "format": [""] * n,
         "reason": [""] * n,
     }
-    cache = members.RowGroupCache()
-    # Container reads in file order (tar offsets, Parquet row groups): each row group read once.
-    for i in sorted(range(n), key=lambda j: members.order_key(paths[j])):
-        p = paths[i]
-        try:
-            w, h, o, fmt = read_header(p, max_pixels, cache)
-        except HeaderError as e:
-            out["reason"][i] = e.reason
-            continue
-        except Exception as e:  # never lose an image to an unexpected decoder error: record it
-            out["reason"][i] = f"corrupt image header: {type(e).__name__}: {one_line(e)}"
-            continue
-        out["width"][i], out["height"][i], out["orientation"][i], out["format"][i] = w, h, o, fmt
+    # Container reads in file order (tar offsets, Parquet row groups): each shard opened once, each
+    # row group read once.
+    with members.ContainerCache() as cache:
+        for i in sorted(range(n), key=lambda j: members.order_key(paths[j])):
+            try:
+                w, h, o, fmt = read_header(paths[i], max_pixels, cache)
+            except HeaderError as e:
+                out["reason"][i] = e.reason
+                continue
+            except Exception as e:  # never lose an image to an unexpected decoder error: record it
+                out["reason"][i] = f"corrupt image header: {type(e).__name__}: {one_line(e)}"
+                continue
+            out["width"][i], out["height"][i], out["orientation"][i], out["format"][i] = w, h, o, fmt
     return out
 
 
