@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -205,3 +206,39 @@ def test_row_group_reads_are_grouped(layouts, monkeypatch):
     assert (
         sorted(got) == sorted(listing.paths) and len(calls) == len(set(calls)) == 3
     )  # 3 files, 1 row group each
+
+
+class _CountingRemote:
+    """A local file that looks like a pyarrow object-store file (read_at/size): counts requests."""
+
+    requests = 0
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 (closed by close())
+
+    def size(self) -> int:
+        return os.fstat(self._f.fileno()).st_size
+
+    def read_at(self, n: int, offset: int) -> bytes:
+        type(self).requests += 1
+        self._f.seek(offset)
+        return self._f.read(n)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_remote_tar_members_are_fetched_in_merged_ranged_reads(layouts, monkeypatch):
+    local = list_source(str(layouts["wds"]))
+    expected = {p: decode.read_bytes(p) for p in local.paths}
+    monkeypatch.setattr(members, "open_random_access", _CountingRemote)
+    _CountingRemote.requests = 0
+    got = members.read_many(local.paths)
+    assert got == expected
+    assert _CountingRemote.requests == 3  # one ranged read per shard, not one per member

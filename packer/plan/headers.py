@@ -13,6 +13,7 @@ cluster or starting embedded Ray; results sorted by image_id, so worker count do
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from packer.localfile import open_regular
 RAY_MIN_LOCAL_FILES = 50_000
 RAY_MIN_REMOTE_FILES = 1_000
 _BATCH = 256  # files per Ray Data batch
+_PREFETCH = 64  # remote tar members fetched together (memory: 64 members' bytes)
 
 
 class HeaderError(Exception):
@@ -67,7 +69,9 @@ class Headers:
         return np.array([not r for r in self.reason], dtype=bool)
 
 
-def _open_stream(path: str, cache: members.ContainerCache | None = None) -> Any:
+def _open_stream(path: str | bytes, cache: members.ContainerCache | None = None) -> Any:
+    if isinstance(path, bytes):  # a member's bytes, already fetched
+        return io.BytesIO(path)
     if members.is_locator(path):  # a tar member (only its bytes are read) or a Parquet row
         return members.open_stream(path, cache or members.ContainerCache())
     if "://" in path and not path.startswith("file://"):
@@ -98,7 +102,7 @@ def _orientation(img: Image.Image) -> int:
 
 
 def read_header(
-    path: str, max_pixels: int, cache: members.ContainerCache | None = None
+    path: str | bytes, max_pixels: int, cache: members.ContainerCache | None = None
 ) -> tuple[int, int, int, str]:
     """(width, height, orientation, format) of one file, width/height as displayed (after EXIF
     orientation). Raises HeaderError with the reason. Reads only the header bytes (a Parquet row:
@@ -147,11 +151,21 @@ def _scan_rows(image_ids: np.ndarray, paths: Sequence[str], max_pixels: int) -> 
         "reason": [""] * n,
     }
     # Container reads in file order (tar offsets, Parquet row groups): each shard opened once, each
-    # row group read once.
+    # row group read once; members of remote tar shards fetched PREFETCH at a time in merged ranged
+    # reads (a request per member costs more than the bytes).
+    order = sorted(range(n), key=lambda j: members.order_key(paths[j]))
+    prefetched: dict[str, Any] = {}
     with members.ContainerCache() as cache:
-        for i in sorted(range(n), key=lambda j: members.order_key(paths[j])):
+        for k, i in enumerate(order):
+            if k % _PREFETCH == 0:
+                chunk = [paths[j] for j in order[k : k + _PREFETCH]]
+                remote_tar = [p for p in chunk if p.startswith(members.TAR) and members.is_remote(p)]
+                prefetched = members.read_many(remote_tar)
             try:
-                w, h, o, fmt = read_header(paths[i], max_pixels, cache)
+                got = prefetched.get(paths[i])
+                if isinstance(got, members.MemberError):
+                    raise HeaderError(got.reason)
+                w, h, o, fmt = read_header(paths[i] if got is None else got, max_pixels, cache)
             except HeaderError as e:
                 out["reason"][i] = e.reason
                 continue
