@@ -15,6 +15,7 @@ images, Parquet row groups of 100), uploads them to the S3 server, then measures
 It checks that the three layouts give byte-identical shards. Prints a Markdown table and one JSON line.
 
     .venv/bin/python benchmarks/bench_sources.py [--n 2000] [--per-file 500] [--skip-s3] [--quick-s3]
+        [--layouts folder,wds,parquet]
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def main() -> None:
     ap.add_argument("--per-file", type=int, default=500)
     ap.add_argument("--skip-s3", action="store_true")
     ap.add_argument("--quick-s3", action="store_true", help="no Ray header scan through S3 (slow servers)")
+    ap.add_argument("--layouts", default="folder,wds,parquet", help="comma-separated subset to measure")
     args = ap.parse_args()
 
     from packer.build.pipeline import pack
@@ -173,6 +175,8 @@ def main() -> None:
         images = make_jpegs(args.n)
         mb = sum(len(d) for _, d in images) / 1e6
         layouts = write_layouts(tmp, images, args.per_file)
+        chosen = args.layouts.split(",")
+        layouts = {k: v for k, v in layouts.items() if k in chosen or k == "folder"}  # folder: reference
         print(
             f"made {len(images)} JPEGs ({mb:.0f} MB, {mb / len(images) * 1000:.0f} kB each) in "
             f"{time.perf_counter() - t0:.0f}s",
@@ -191,6 +195,8 @@ def main() -> None:
         reference = None
         for place, sources in places.items():
             for name, source in sources.items():
+                if name not in chosen:
+                    continue
                 rec = {"place": place, "layout": name, "images": len(images)}
                 t = time.perf_counter()
                 scan = scan_source(source, cfg, use_ray=False)
@@ -205,7 +211,11 @@ def main() -> None:
                 pack(source, str(out), cfg, workers=2)
                 rec["pack_s"] = time.perf_counter() - t
                 got = shards(out)
-                reference = reference or got
+                if reference is None:  # the folder's shards, packed once here if not measured
+                    ref_out = tmp / "out-reference"
+                    pack(places["local"]["folder"], str(ref_out), cfg, workers=2)
+                    reference = shards(ref_out)
+                    shutil.rmtree(ref_out)
                 rec["identical_shards"] = got == reference
                 shutil.rmtree(out)
                 results.append(rec)
