@@ -95,6 +95,7 @@ def _run_warmup(run: Path) -> int | None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
+        ctx: typer.Context,
         out: Annotated[Path, typer.Option("--out", "-o", help="run directory (checkpoints, metrics)")],
         data: Annotated[
             str | None,
@@ -147,6 +148,15 @@ def register(app: typer.Typer) -> None:
         ] = None,
         sets: SetOpt = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out exactly")] = False,
+        resume_from: Annotated[
+            str | None,
+            typer.Option(
+                "--resume-from",
+                help="resume from this checkpoint instead of the newest: step-N, N, or previous "
+                "(newer ones are set aside as checkpoints/discarded-step-N); implies --resume",
+                show_default=False,
+            ),
+        ] = None,
         token_file: Annotated[
             Path | None, typer.Option("--token-file", help="flight:// auth token file", show_default=False)
         ] = None,
@@ -162,6 +172,7 @@ def register(app: typer.Typer) -> None:
 
         if (data is None) == (images is None):
             raise ConfigError("give exactly one of --data DIR|flight://HOST:PORT or --images SOURCE")
+        resume = resume or resume_from is not None
         # --set keys split by their first segment: TrainConfig's sections, else the live pack config's.
         train_sets = [x for x in sets or [] if x.split("=", 1)[0].split(".")[0] in TrainConfig.model_fields]
         pack_sets = [x for x in sets or [] if x not in train_sets]
@@ -185,13 +196,17 @@ def register(app: typer.Typer) -> None:
             resume_from=out if resume else None,
         )
         from trainer.loop import check_run_dir
+        from trainer.runguard import run_lock
 
         check_run_dir(out, resume)  # before the data is verified (which may take long)
+        # A second run on this --out is refused now, not after the data check; released on return.
+        ctx.with_resource(run_lock(out))
         token = None
         if token_file is not None:
             from trainer.flight_client import read_token_file
 
             token = read_token_file(token_file)
+        rejected = _live_rejected_log(out, resume) if images is not None else None
         source_factory = _source_factory(
             cfg,
             data,
@@ -204,11 +219,23 @@ def register(app: typer.Typer) -> None:
             token_drop,
             pack_sets,
             ray_address,
+            rejected,
         )
 
         from trainer.loop import train as run_train
 
-        run_train(cfg, source_factory, out, resume=resume)
+        run_train(cfg, source_factory, out, resume=resume, resume_from=resume_from)
+        if rejected is not None and rejected.count:
+            typer.echo(f"live mode: {rejected.count} inputs not packed, listed in {rejected.path}", err=True)
+
+
+def _live_rejected_log(out: Path, resume: bool) -> Any:
+    """RUN/rejected.jsonl of live mode; a fresh start drops the list of an unfinished earlier run."""
+    from trainer.live_rejects import FILE, RejectedLog
+
+    if not resume:
+        (out / FILE).unlink(missing_ok=True)
+    return RejectedLog(out / FILE)
 
 
 def _source_factory(
@@ -223,8 +250,10 @@ def _source_factory(
     token_drop: str | None,
     sets: list[str] | None,
     ray_address: str | None,
+    rejected: Any = None,
 ) -> Any:
-    """A callable (DistInfo) -> BatchSource; called once the process group is up (rank known)."""
+    """A callable (DistInfo) -> BatchSource; called once the process group is up (rank known).
+    ``rejected``: live mode's RejectedLog (RUN/rejected.jsonl)."""
     import torch
 
     from trainer.loop import resolve_device
@@ -282,6 +311,7 @@ def _source_factory(
             world_size=info.world_size,
             pin_memory=pin,
             ray_address=ray_address,
+            rejected=rejected,
         )
 
     return make_live

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from packer.errors import NavitError
+from packer.errors import NavitError, Stopped
 
 app = typer.Typer(
     name="navit",
@@ -54,6 +54,9 @@ def main() -> None:
     except NavitError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except Stopped as e:  # stopped by a signal after saving what it could: one line, 128 + signum
+        typer.secho(str(e), err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from packer.dirlock import LOCK_NAME
 from packer.errors import ConfigError, NavitError
 from trainer import checkpoint as ckpt
 from trainer.batch import BatchSource, DataPosition, HostBatch
@@ -28,6 +29,10 @@ from trainer.config import TrainConfig, incompatible_fields
 from trainer.distributed import all_gather_json, all_reduce_sum, barrier, init_distributed
 from trainer.metrics import MetricsLogger
 from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
+from trainer.resume import load_for_resume, set_aside_newer
+from trainer.runguard import atomic_write_text, guarded
+from trainer.runguard import current as current_stop
+from trainer.signals import StopNow, stopped
 
 
 @dataclass
@@ -79,7 +84,7 @@ def check_run_dir(run: Path, resume: bool) -> None:
     if not run.exists() and parent is not None and not parent.is_dir():
         raise NavitError(f"--out {run}: {parent} is a file, not a directory")
     ours = run.is_dir() and any((run / m).exists() for m in RUN_MARKERS)
-    if run.is_dir() and not resume and not ours and any(run.iterdir()):
+    if run.is_dir() and not resume and not ours and any(p.name != LOCK_NAME for p in run.iterdir()):
         raise NavitError(
             f"--out {run}: a non-empty folder that is not a navit run (no {ckpt.CKPT_DIR}/ or "
             "metrics.jsonl); choose a new or empty folder"
@@ -165,12 +170,14 @@ def _data_fingerprint(source: BatchSource) -> str:
     return f"{ident} seq_len={source.seq_len} patch={source.patch_size}"
 
 
+@guarded(check_run_dir)  # --out lock, stale temp files, full disk, SIGTERM/SIGINT (trainer/runguard.py)
 def train(
     cfg: TrainConfig,
     source: BatchSource | Any,
     out: str | Path,
     *,
     resume: bool = False,
+    resume_from: str | None = None,
     stop_after: int | None = None,
     verbose: bool = True,
     class_names: list[str] | None = None,
@@ -179,15 +186,17 @@ def train(
     callable ``(DistInfo) -> BatchSource`` (built after the process group is up).
 
     ``stop_after``: stop after this global step as if interrupted (for tests and time-boxed jobs);
-    the schedule still targets ``cfg.schedule.steps``."""
+    the schedule still targets ``cfg.schedule.steps``. ``resume_from``: the checkpoint to resume
+    from (step-N, N or previous; trainer/resume.py), default the newest."""
     run = Path(out)
-    check_run_dir(run, resume)
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     if callable(source) and not hasattr(source, "batches"):
         source = source(info)
+    stop = current_stop()
+    stop.install()  # again: a library started by the source (Ray, in live mode) may have taken SIGTERM
     existing = ckpt.list_checkpoints(run)
     if existing and not resume:
         raise NavitError(f"{run} already holds checkpoints: pass --resume to continue, or another --out")
@@ -204,7 +213,7 @@ def train(
 
     state: ckpt.Checkpoint | None = None
     if resume:
-        state = ckpt.load_checkpoint(existing[-1])
+        state = load_for_resume(run, resume_from)  # verified; a damaged one names the previous one
         diff = incompatible_fields(state.meta["config"], cfg.model_dump(mode="json"))
         if diff:
             raise NavitError(
@@ -219,6 +228,7 @@ def train(
         if state.meta.get("data") != _data_fingerprint(source):
             raise NavitError(f"--resume: {run} was trained on {state.meta.get('data')!r}, not on this data")
         num_classes = int(state.meta["model_config"].get("num_classes", num_classes))
+        aside = set_aside_newer(run, state.path) if info.is_main else []
 
     check_memory(cfg, num_classes, source, device, info)
     torch.manual_seed(cfg.seed)
@@ -268,6 +278,8 @@ def train(
         f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params, {num_classes} classes) on "
         f"{device}{f' x{info.world_size}' if info.enabled else ''}, {source.description}, "
         f"{'resuming at step ' + str(step) if state else 'from scratch'}"
+        f"{'' if state is None or state.verified else ' (its checkpoint predates digests: not verified)'}"
+        f"{'; set aside the newer checkpoints as ' + ', '.join(aside) if state and aside else ''}"
     )
     log.event({"event": "resume" if state else "start", "step": step, "config": cfg.model_dump(mode="json")})
 
@@ -303,16 +315,21 @@ def train(
     t_start = time.perf_counter()
     start_step = step
     losses: list[float] = []
-    last_ckpt: Path | None = existing[-1] if existing else None
+    last_ckpt: Path | None = state.path if state is not None else None
+    saved_at = step  # the step of the newest checkpoint (on every rank: they must agree to save)
     end = cfg.schedule.steps if stop_after is None else min(stop_after, cfg.schedule.steps)
     loss_val, acc_val = math.nan, math.nan
     mix = MixParams(**cfg.mix.model_dump())
     net.train()
     try:
-        while step < end:
+        while step < end and not stop.requested(info, device):
             # ---- data (timed: the data-wait fraction is this over the step's wall time) ----
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
+            try:
+                with stop.waiting():  # a signal here stops at once: this batch is in no step yet
+                    micro = [next(batches) for _ in range(accum)]
+            except StopNow:
+                break
             on_dev = [hb.to(device) for hb in micro]
             wait = time.perf_counter() - t0
             labeled_local = sum(int((d["labels"] >= 0).sum()) for d in on_dev)
@@ -374,12 +391,16 @@ def train(
                 float(gnorm),
             )
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < end:
-                last_ckpt = save(step) or last_ckpt
-        if step > start_step and (not existing or step != int(existing[-1].name.split("-")[1])):
-            last_ckpt = save(step) or last_ckpt
+                last_ckpt, saved_at = save(step) or last_ckpt, step
+        if step > saved_at:
+            last_ckpt, saved_at = save(step) or last_ckpt, step
     finally:
         with contextlib.suppress(Exception):
             batches.close()  # type: ignore[attr-defined]
+    if stop.signum is not None:  # SIGTERM/SIGINT: the checkpoint of this step is saved; say so
+        log.close()
+        saved = run / ckpt.CKPT_DIR / f"step-{step:08d}" if step > start_step else None
+        raise stopped(stop.signum, step, saved, last_ckpt)
 
     wall = time.perf_counter() - t_start
     final = log.last or {}
@@ -397,7 +418,7 @@ def train(
     )
     if info.is_main:
         summary = {k: v for k, v in asdict(result).items() if k != "losses"}
-        (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
         log.event({"event": "summary", **summary})
         pad = 1 - result.real_tokens / result.tokens if result.tokens else 0.0
         log.message(
