@@ -195,8 +195,7 @@ def register(app: typer.Typer) -> None:
             },
             resume_from=out if resume else None,
         )
-        from trainer.loop import check_run_dir
-        from trainer.runguard import run_lock
+        from trainer.rundir import check_run_dir, run_lock  # no torch yet: a busy --out is refused at once
 
         check_run_dir(out, resume)  # before the data is verified (which may take long)
         # A second run on this --out is refused now, not after the data check; released on return.

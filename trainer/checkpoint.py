@@ -34,14 +34,13 @@ import torch
 
 from packer.errors import NavitError
 from trainer.diskfull import DiskFullError, is_disk_full, os_errno
+from trainer.rundir import CKPT_DIR, TMP_PREFIX
 
 FORMAT = "navit-train-checkpoint"
 VERSION = 1
-CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 DIGESTED = (MODEL_FILE, STATE_FILE)  # meta.json holds their digests, so it is not among them
-TMP_PREFIX = ".tmp-step-"
 DISCARDED_PREFIX = "discarded-"  # checkpoints set aside by --resume-from (never listed or deleted)
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 

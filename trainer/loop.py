@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from packer.dirlock import LOCK_NAME
 from packer.errors import ConfigError, NavitError
 from trainer import checkpoint as ckpt
 from trainer.batch import BatchSource, DataPosition, HostBatch
@@ -30,8 +29,9 @@ from trainer.distributed import all_gather_json, all_reduce_sum, barrier, init_d
 from trainer.metrics import MetricsLogger
 from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
 from trainer.resume import load_for_resume, set_aside_newer
-from trainer.runguard import atomic_write_text, guarded
+from trainer.rundir import atomic_write_text, check_run_dir
 from trainer.runguard import current as current_stop
+from trainer.runguard import guarded
 from trainer.signals import StopNow, stopped
 
 
@@ -70,25 +70,6 @@ def lr_lambda(cfg: TrainConfig) -> Any:
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return f
-
-
-RUN_MARKERS = (ckpt.CKPT_DIR, "metrics.jsonl")  # what makes a folder a navit run (train writes both)
-
-
-def check_run_dir(run: Path, resume: bool) -> None:
-    """Refuse, in one line, an ``--out`` that cannot be a run directory: a file, a path under a file,
-    or a non-empty folder that is not a navit run (its files are not ours to mix a run into)."""
-    if run.exists() and not run.is_dir():
-        raise NavitError(f"--out {run}: is a file, not a directory")
-    parent = next((p for p in run.parents if p.exists()), None)
-    if not run.exists() and parent is not None and not parent.is_dir():
-        raise NavitError(f"--out {run}: {parent} is a file, not a directory")
-    ours = run.is_dir() and any((run / m).exists() for m in RUN_MARKERS)
-    if run.is_dir() and not resume and not ours and any(p.name != LOCK_NAME for p in run.iterdir()):
-        raise NavitError(
-            f"--out {run}: a non-empty folder that is not a navit run (no {ckpt.CKPT_DIR}/ or "
-            "metrics.jsonl); choose a new or empty folder"
-        )
 
 
 def build_model(

@@ -1,7 +1,8 @@
 """What surrounds a training run in its ``--out`` folder (:func:`guarded`, the decorator of
 ``trainer.loop.train``):
 
-- **one run per folder**: an exclusive lock on ``--out`` (:mod:`packer.dirlock`, taken by rank 0),
+- **one run per folder**: an exclusive lock on ``--out`` (:mod:`packer.dirlock` via
+  :func:`trainer.rundir.run_lock`, taken by rank 0),
   so a second ``navit train`` on the same folder is refused at once, in one line naming the holder.
   A lock left by a dead process is not held (the kernel drops it): the next run just starts.
 - **temp files of a killed or failed run** (``checkpoints/.tmp-step-*``, ``.metrics.jsonl.tmp-*``,
@@ -17,15 +18,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from packer.dirlock import DirLock
 from packer.errors import NavitError
 from trainer import checkpoint as ckpt
 from trainer.diskfull import DiskFullError, is_disk_full
+from trainer.rundir import clean_stale_temp, is_rank0, run_lock
 from trainer.signals import GracefulStop, StopNow, stopped
 
 _current: list[GracefulStop] = []
@@ -34,44 +34,6 @@ _current: list[GracefulStop] = []
 def current() -> GracefulStop:
     """The GracefulStop of the run in progress (a fresh, uninstalled one outside a guarded run)."""
     return _current[-1] if _current else GracefulStop()
-
-
-def is_rank0() -> bool:
-    """Rank 0 of a torchrun launch, or a single process (the rank that writes the run folder)."""
-    try:
-        return int(os.environ.get("RANK", "0")) == 0
-    except ValueError:
-        return True
-
-
-def run_lock(run: Path) -> Any:
-    """The --out lock of a training run (a no-op on ranks other than 0, which never write there)."""
-    return DirLock(run, flag="--out", what="navit train") if is_rank0() else contextlib.nullcontext()
-
-
-def clean_stale_temp(run: Path) -> list[str]:
-    """Remove the temp files and directories a killed or failed run left in ``run``; their names."""
-    removed = []
-    root = run / ckpt.CKPT_DIR
-    candidates = list(root.glob(f"{ckpt.TMP_PREFIX}*")) if root.is_dir() else []
-    if run.is_dir():
-        candidates += [p for p in run.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
-    for p in candidates:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            removed.append(p.name)
-    return removed
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``path`` via a temp file and a rename: a full disk leaves the old file (or none)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _newest(run: Path) -> Path | None:
