@@ -49,6 +49,8 @@ def register(app: typer.Typer) -> None:
         res = parse_resolutions(resolutions)
         dev = resolve_device(device)
         net, meta = load_model(checkpoint, dev)
+        if "files" not in meta:  # written before checkpoints carried digests
+            typer.echo(f"note: {meta['path']} predates checkpoint digests: loaded unverified", err=True)
         is_pack = "://" in source or (Path(source) / schema.INDEX_FILE).is_file()
         if is_pack:
             results = evaluate_shards(net, source, device=dev, batch_rows=batch_rows)

@@ -310,6 +310,8 @@ def test_resume_of_a_checkpoint_without_digests_says_so(tmp_path, interrupted_ru
     meta = json.loads(meta_file.read_text())
     del meta["files"]
     meta_file.write_text(json.dumps(meta))
+    code, cap = run_cli(["eval", str(pack), "--checkpoint", str(run)], capsys)
+    assert code == 0 and "predates checkpoint digests: loaded unverified" in cap.err, cap.err
     argv = ["train", "--data", str(pack), "--out", str(run), *_TINY_CLI, "--steps", "7", "--resume"]
     code, cap = run_cli(argv, capsys)
     assert code == 0, cap.err

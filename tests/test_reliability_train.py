@@ -614,7 +614,8 @@ def test_second_run_on_one_out_is_refused_and_sigterm_saves_a_checkpoint(tmp_pat
     try:
         _wait_for_file(run / LOCK_NAME, proc, err)
         # Another run on the same --out (other settings, as in the issue): refused at once, in one line.
-        cmd, env, root = _navit([*argv, "--lr", "0.01", "--out", str(run)])
+        other = ["train", "--data", str(small_pack), "--steps", "3", *TINY, "--warmup", "1", "--lr", "0.01"]
+        cmd, env, root = _navit([*other, "--out", str(run)])
         second = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=180)
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip().count("\n") == 0, second.stderr
