@@ -147,6 +147,27 @@ def register(app: typer.Typer) -> None:
             typer.Option("--compile/--no-compile", help="torch.compile the model", show_default=False),
         ] = None,
         sets: SetOpt = None,
+        val: Annotated[
+            str | None,
+            typer.Option(
+                "--val",
+                help="held-out pack or labelled image folder: top-1/loss every eval_every steps and at "
+                "the end; the best top-1 is kept as RUN/checkpoints/best",
+                show_default=False,
+            ),
+        ] = None,
+        eval_every: Annotated[
+            int | None,
+            typer.Option(
+                "--eval-every", help="steps between --val evaluations (0 = at the end)", show_default=False
+            ),
+        ] = None,
+        log: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--log", help="extra metric sink: tensorboard | wandb (repeatable)", show_default=False
+            ),
+        ] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out exactly")] = False,
         resume_from: Annotated[
             str | None,
@@ -165,6 +186,18 @@ def register(app: typer.Typer) -> None:
         resolution: ResolutionOpt = None,
         token_drop: TokenDropOpt = None,
         ray_address: RayAddressOpt = None,
+        init_from: Annotated[
+            str | None,
+            typer.Option(
+                "--init-from",
+                help="start from weights: a navit export, checkpoint or run folder, or a timm ViT state "
+                "dict (.safetensors/.pth, or a timm model folder)",
+                show_default=False,
+            ),
+        ] = None,
+        reset_head: Annotated[
+            bool, typer.Option("--reset-head", help="with --init-from: a new classifier head for this data")
+        ] = False,
     ) -> None:
         """Train NaViT (AdamW, warmup + cosine, per-image loss, checkpoints, exact --resume, DDP)."""
         from packer.errors import ConfigError
@@ -173,6 +206,10 @@ def register(app: typer.Typer) -> None:
         if (data is None) == (images is None):
             raise ConfigError("give exactly one of --data DIR|flight://HOST:PORT or --images SOURCE")
         resume = resume or resume_from is not None
+        if reset_head and init_from is None:
+            raise ConfigError("--reset-head needs --init-from (a new run's head is always fresh)")
+        # `train.` names the config file's train section: --set train.freeze=trunk = --set freeze=trunk.
+        sets = [x[len("train.") :] if x.startswith("train.") else x for x in sets or []]
         # --set keys split by their first segment: TrainConfig's sections, else the live pack config's.
         train_sets = [x for x in sets or [] if x.split("=", 1)[0].split(".")[0] in TrainConfig.model_fields]
         pack_sets = [x for x in sets or [] if x not in train_sets]
@@ -192,6 +229,8 @@ def register(app: typer.Typer) -> None:
                 "seed": seed,
                 "checkpoint.every": checkpoint_every,
                 "compile": compile_,
+                "eval_every": eval_every,
+                "loggers": [x.strip() for v in log for x in v.split(",") if x.strip()] if log else None,
             },
             resume_from=out if resume else None,
         )
@@ -200,6 +239,15 @@ def register(app: typer.Typer) -> None:
         check_run_dir(out, resume)  # before the data is verified (which may take long)
         # A second run on this --out is refused now, not after the data check; released on return.
         ctx.with_resource(run_lock(out))
+        from trainer.loggers import check_available
+
+        check_available(cfg.loggers)
+        if val is not None:
+            from trainer.validate import check_val_spec
+
+            check_val_spec(val)
+        if init_from is not None and not Path(init_from).exists():
+            raise ConfigError(f"--init-from {init_from}: not found")
         token = None
         if token_file is not None:
             from trainer.flight_client import read_token_file
@@ -223,7 +271,16 @@ def register(app: typer.Typer) -> None:
 
         from trainer.loop import train as run_train
 
-        run_train(cfg, source_factory, out, resume=resume, resume_from=resume_from)
+        run_train(
+            cfg,
+            source_factory,
+            out,
+            resume=resume,
+            resume_from=resume_from,
+            val=val,
+            init_from=init_from,
+            reset_head=reset_head,
+        )
         if rejected is not None and rejected.count:
             typer.echo(f"live mode: {rejected.count} inputs not packed, listed in {rejected.path}", err=True)
 

@@ -749,3 +749,12 @@ def test_live_mode_lists_rejected_inputs_and_stops_on_sigterm_in_one_line(tmp_pa
     assert epoch0[str(tmp_path / "img" / "triangle" / "truncated.jpg")].startswith(
         "corrupt or truncated image"
     )
+
+
+def test_activation_checkpointing_lowers_the_activation_floor():
+    from trainer import memory
+
+    plain = memory.estimate_step(0, 12, 192, 768, 8, 256, 1)
+    ckpt = memory.estimate_step(0, 12, 192, 768, 8, 256, 1, grad_checkpoint=True)
+    # block inputs (1 float per token, block, channel) + one block's 16 while it is recomputed
+    assert ckpt.activations == 8 * 256 * 192 * (12 + 16) * 4 < plain.activations

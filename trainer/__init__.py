@@ -16,8 +16,15 @@ Modules (import what you need; this package imports none of them eagerly, so tha
 - ``trainer.signals``      SIGTERM/SIGINT: checkpoint the current step, exit 128+signum
 - ``trainer.diskfull``     ENOSPC/EDQUOT found in whatever a library raised
 - ``trainer.live_rejects`` RUN/rejected.jsonl of live mode
-- ``trainer.metrics``      progress line, metrics.jsonl, TensorBoard
+- ``trainer.pending``      per-step sums kept on the device between host syncs
+- ``trainer.metrics``      console lines (rich bar on a terminal), metrics.jsonl
+- ``trainer.loggers``      optional sinks: TensorBoard, W&B (``--log``)
+- ``trainer.ema``          EMA of the weights (``ema_decay``)
 - ``trainer.evaluate``     accuracy at several resolutions (``navit eval``)
+- ``trainer.validate``     ``--val`` during training and ``checkpoints/best``
+- ``trainer.memory``       a step's memory floor vs what is available
+- ``trainer.embed``        embeddings + top-k of any image source to Parquet (``navit embed``)
+- ``trainer.init_from``    ``--init-from`` (navit export/checkpoint, timm ViT), ``--reset-head``, freezing
 - ``trainer.distributed``  DDP set-up under torchrun
 - ``trainer.flight_client`` client of ``navit serve``
 """

@@ -4,6 +4,7 @@ Layout of ``RUN/checkpoints/step-00001000/`` (written as a temp directory, then 
 so a crash never leaves a half-written checkpoint under a final name)::
 
     model.safetensors   the model's weights (safetensors: no code runs on load)
+    ema.safetensors     the EMA of the weights (only with ``ema_decay`` > 0; trainer/ema.py)
     state.pt            optimizer + scheduler state and RNG states: only tensors and plain Python
                         containers, loaded with torch.load(weights_only=True)
     meta.json           format/version, step, TrainConfig, NaViTConfig, data position per rank,
@@ -11,11 +12,14 @@ so a crash never leaves a half-written checkpoint under a final name)::
                         sha256 of model.safetensors and state.pt (``files``)
 
 The newest complete checkpoint (one with meta.json) is the one ``--resume`` and ``navit eval
---checkpoint RUN`` pick; only the last ``keep`` are kept. Every load verifies the files against the
-digests in meta.json (a damaged checkpoint is a one-line error naming the file); checkpoints written
-before the digests existed have no ``files`` entry and load unverified (``Checkpoint.verified`` is
-False). A disk that fills up while saving leaves no temp directory behind and gives one line
-(:class:`trainer.diskfull.DiskFullError`).
+--checkpoint RUN`` pick; only the last ``keep`` are kept. ``RUN/checkpoints/best/`` (with ``--val``)
+is the checkpoint of the best held-out top-1 so far, in the same layout; it is never pruned and never
+resumed from.
+
+Every load verifies the files against the digests in meta.json (a damaged checkpoint is a one-line
+error naming the file); checkpoints written before the digests existed have no ``files`` entry and
+load unverified (``Checkpoint.verified`` is False). A disk that fills up while saving leaves no temp
+directory behind and gives one line (:class:`trainer.diskfull.DiskFullError`).
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from trainer.rundir import CKPT_DIR, TMP_PREFIX
 
 FORMAT = "navit-train-checkpoint"
 VERSION = 1
+BEST = "best"  # RUN/checkpoints/best: the best held-out top-1 so far (trainer/validate.py)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
-DIGESTED = (MODEL_FILE, STATE_FILE)  # meta.json holds their digests, so it is not among them
+DIGESTED = (MODEL_FILE, STATE_FILE)  # always digested (and extra NAME.safetensors); meta.json holds them
 DISCARDED_PREFIX = "discarded-"  # checkpoints set aside by --resume-from (never listed or deleted)
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -66,6 +71,22 @@ class Checkpoint:
     def verified(self) -> bool:
         """False for a checkpoint written before digests existed (loaded unverified)."""
         return "files" in self.meta
+
+    def extra_weights(self, name: str) -> dict[str, torch.Tensor] | None:
+        """``NAME.safetensors`` saved beside the model (e.g. ``ema``), verified, or None if it was not
+        saved."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        f = self.path / f"{name}.safetensors"
+        if not f.is_file():
+            return None
+        if f.name not in self.verified_files:
+            verify_file(self.path, self.meta, f.name)
+        try:
+            return load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointDamaged(f"{f}: cannot load ({e})") from None
 
     def train_state(self) -> dict[str, Any]:
         """Optimizer/scheduler/RNG state (weights_only: no arbitrary unpickling), verified first."""
@@ -117,7 +138,7 @@ def verify_file(ckpt_dir: Path, meta: dict[str, Any], name: str) -> None:
 def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
     """Check meta.json and every digested file of a checkpoint; returns its meta."""
     meta = read_meta(ckpt_dir)
-    for name in DIGESTED:
+    for name in meta.get("files") or DIGESTED:
         verify_file(ckpt_dir, meta, name)
     return meta
 
@@ -140,29 +161,37 @@ def save_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep: int = 3,
+    extra: dict[str, torch.nn.Module] | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write ``RUN/checkpoints/step-XXXXXXXX`` atomically, then delete all but the newest ``keep``."""
+    """Write ``RUN/checkpoints/step-XXXXXXXX`` atomically, then delete all but the newest ``keep``.
+
+    ``extra``: more modules whose weights go beside the model as ``NAME.safetensors`` (the EMA);
+    ``name``: another directory name than ``step-XXXXXXXX`` (``best``), never counted or pruned."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / CKPT_DIR
-    final = root / f"step-{step:08d}"
-    tmp = root / f"{TMP_PREFIX}{step:08d}-{uuid.uuid4().hex[:8]}"
+    final = root / (name or f"step-{step:08d}")
+    tmp = root / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        # clone(): safetensors refuses tensors that share storage (e.g. tied weights).
-        weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / MODEL_FILE))
+        weight_files = []
+        for stem, module in {"model": model, **(extra or {})}.items():
+            # clone(): safetensors refuses tensors that share storage (e.g. tied weights).
+            weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
+            save_file(weights, str(tmp / f"{stem}.safetensors"))
+            weight_files.append(f"{stem}.safetensors")
         with open_for_write(tmp / STATE_FILE) as f:
             # Through a Python file object, so that a failed write keeps its OSError (errno) as the
             # context of torch's "unexpected pos" RuntimeError.
             torch.save(train_state, f)
-        files = {name: file_digest(tmp / name) for name in DIGESTED}
+        files = {f_name: file_digest(tmp / f_name) for f_name in (*weight_files, STATE_FILE)}
         full_meta = {"format": FORMAT, "version": VERSION, "step": step, **meta, "files": files}
         with open_for_write(tmp / "meta.json") as f:
             f.write((json.dumps(full_meta, indent=2, sort_keys=True) + "\n").encode())
-        for name in (*DIGESTED, "meta.json"):
-            with open(tmp / name, "rb") as f:
+        for f_name in (*files, "meta.json"):
+            with open(tmp / f_name, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():
@@ -208,19 +237,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise NavitError(f"{path}: not a checkpoint directory, and no checkpoints under {p / CKPT_DIR}")
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, verified: bool = False) -> Checkpoint:
     """Load meta.json and the weights of a checkpoint (or of a run's newest one)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = resolve_checkpoint(path)
     meta = read_meta(p)
-    verify_file(p, meta, MODEL_FILE)
+    if not verified:  # ``verified``: the caller ran verify_checkpoint on it just now
+        verify_file(p, meta, MODEL_FILE)
     try:
         weights = load_file(str(p / MODEL_FILE))
     except (SafetensorError, OSError) as e:
         raise CheckpointDamaged(f"{p}/{MODEL_FILE}: cannot load ({e})") from None
-    return Checkpoint(p, meta, weights, {MODEL_FILE})
+    return Checkpoint(p, meta, weights, set(meta.get("files") or ()) if verified else {MODEL_FILE})
 
 
 def read_meta(p: Path) -> dict[str, Any]:

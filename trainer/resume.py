@@ -48,8 +48,9 @@ def load_for_resume(run_dir: Path, choice: str | None) -> ckpt.Checkpoint:
     one line naming it and the previous checkpoint to use instead."""
     target = pick(run_dir, choice)
     try:
-        state = ckpt.load_checkpoint(target)
-        state.train_state()  # verified (and loadable) before anything is built from the checkpoint
+        ckpt.verify_checkpoint(target)  # every file (weights, EMA, state) before anything is built
+        state = ckpt.load_checkpoint(target, verified=True)
+        state.train_state()  # loadable (without digests: the only check there is)
     except ckpt.CheckpointDamaged as e:
         older = [p for p in ckpt.list_checkpoints(run_dir) if p.name < target.name]
         hint = (

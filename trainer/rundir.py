@@ -14,7 +14,7 @@ from packer.dirlock import LOCK_NAME, DirLock
 from packer.errors import NavitError
 
 CKPT_DIR = "checkpoints"
-TMP_PREFIX = ".tmp-step-"  # a checkpoint being written: checkpoints/.tmp-step-NNNNNNNN-XXXXXXXX/
+TMP_PREFIX = ".tmp-"  # a checkpoint being written: checkpoints/.tmp-step-NNNNNNNN-XXXXXXXX/, .tmp-best-X/
 RUN_MARKERS = (CKPT_DIR, "metrics.jsonl")  # what makes a folder a navit run (train writes both)
 
 

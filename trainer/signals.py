@@ -15,8 +15,8 @@ The run then raises :class:`packer.errors.Stopped` with one line saying what it 
 prints it and exits 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as schedulers expect.
 
 Under DDP every rank receives the signal (torchrun forwards it); the ranks agree on the step to stop
-at with one all-reduce of the flag per step, and a data wait is not cut short there (the ranks must
-stop after the same step)."""
+at with one all-reduce of the flag at the steps that synchronise anyway (every ``log_every`` steps),
+and a data wait is not cut short there (the ranks must stop after the same step)."""
 
 from __future__ import annotations
 
@@ -98,9 +98,12 @@ class GracefulStop:
         finally:
             self._waiting = False
 
-    def requested(self, info: Any = None, device: Any = None) -> bool:
-        """Whether to stop now; under DDP, whether any rank was signalled (one all-reduce)."""
+    def requested(self, info: Any = None, device: Any = None, collective: bool = True) -> bool:
+        """Whether to stop now. Under DDP: whether any rank was signalled (one all-reduce, so every
+        rank must call it at the same steps with ``collective`` True); False when not ``collective``."""
         if info is not None and getattr(info, "enabled", False):
+            if not collective:
+                return False
             from trainer.distributed import all_reduce_sum
 
             (flag,) = all_reduce_sum([float(self.signum is not None)], info, device)
