@@ -220,6 +220,18 @@ def test_checkpoint_meta_records_digests_that_loading_verifies(tmp_path):
         with pytest.raises(ck.CheckpointDamaged, match=name) as e:
             ck.load_checkpoint(p).train_state()
         assert "\n" not in str(e.value)
+    # Weights saved beside the model (the EMA) are digested and verified too.
+    p = ck.save_checkpoint(tmp_path / "ema", 1, m, _state(m), {}, extra={"ema": _model()})
+    assert set(json.loads((p / "meta.json").read_text())["files"]) == {
+        "model.safetensors",
+        "ema.safetensors",
+        "state.pt",
+    }
+    (p / "ema.safetensors").write_bytes((p / "ema.safetensors").read_bytes()[:-3] + b"\0\0\0")
+    with pytest.raises(ck.CheckpointDamaged, match="ema.safetensors: sha256 mismatch"):
+        ck.load_checkpoint(p).extra_weights("ema")
+    with pytest.raises(ck.CheckpointDamaged, match="ema.safetensors"):
+        ck.verify_checkpoint(p)
 
 
 def test_checkpoint_without_digests_still_loads_unverified(tmp_path):
