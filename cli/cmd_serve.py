@@ -90,6 +90,7 @@ def register(app: typer.Typer) -> None:
         from packer.serve.flight import make_server
 
         if _is_pack_dir(source):
+            _refuse_packing_options(source, locals())
             src = ShardSetSource(source, verify=verify)
             what = f"pack {source} ({_epochs_line(src.describe())})"
         else:
@@ -127,6 +128,31 @@ def register(app: typer.Typer) -> None:
             f"navit serve: stopped; {st['rows_served']} rows, {st['bytes_served'] / 1e9:.2f} GB served "
             f"in {st['streams_completed']} complete streams ({st['streams_aborted']} ended early)"
         )
+
+
+# Options of live serving only: with a pack DIR they would be silently ignored.
+_LIVE_ONLY = {
+    "config": "--config",
+    "sets": "--set",
+    "seq_len": "--seq-len",
+    "patch_size": "--patch-size",
+    "max_images_per_seq": "--max-images-per-seq",
+    "max_tokens_per_image": "--max-tokens-per-image",
+    "seed": "--seed",
+    "resolution": "--resolution",
+    "token_drop": "--token-drop",
+    "packer": "--packer",
+    "exact_fill": "--exact-fill",
+}
+
+
+def _refuse_packing_options(source: str, values: dict) -> None:
+    for name, flag in _LIVE_ONLY.items():
+        if values.get(name) is not None:
+            raise ConfigError(
+                f"{flag}: {source} is a pack, served as it was packed; packing options apply only to "
+                "live serving of an image SOURCE"
+            )
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,15 +157,16 @@ def list_image_folder(root: str | Path, class_names: list[str] | None = None) ->
     return paths, labels
 
 
-def _decode(path: Path) -> np.ndarray | None:
-    """Upright RGB (H, W, 3) uint8 with the packer's decoder; None for an undecodable file."""
+def _decode(path: Path) -> np.ndarray | str:
+    """Upright RGB (H, W, 3) uint8 with the packer's decoder, or why it cannot be evaluated (the
+    packer's rejection reason: 'decompression bomb: ...', 'corrupt or truncated image: ...')."""
     from packer.build import decode
     from packer.config import DecodeConfig
 
     try:
         img, _ = decode.decode_rgb(decode.read_bytes(str(path)), None, DecodeConfig())
-    except decode.DecodeError:
-        return None
+    except decode.DecodeError as e:
+        return e.reason
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -189,10 +190,12 @@ class EvalResult:
     top1: float
     top5: float
     tokens_per_image: float
-    skipped: int = 0  # undecodable files (listed by path in `skipped_paths`)
+    skipped: int = 0  # files not evaluated (each in ``rejected``)
+    rejected: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}, per file
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The numbers (the rejected files are the same at every resolution: listed once, apart)."""
+        return {k: v for k, v in self.__dict__.items() if k != "rejected"}
 
 
 class _Accumulator:
@@ -213,9 +216,10 @@ class _Accumulator:
         self.n += int(ok.sum())
         self.tokens += hb.real_tokens
 
-    def result(self, res: str, skipped: int = 0) -> EvalResult:
+    def result(self, res: str, rejected: list[dict[str, str]] | None = None) -> EvalResult:
         n = max(self.n, 1)
-        return EvalResult(res, self.n, self.top1 / n, self.top5 / n, self.tokens / n, skipped)
+        rejected = rejected or []
+        return EvalResult(res, self.n, self.top1 / n, self.top5 / n, self.tokens / n, len(rejected), rejected)
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -275,20 +279,25 @@ def evaluate_folder(
     batch_rows: int = 8,
     chunk_images: int = 256,
 ) -> list[EvalResult]:
-    """Accuracy on an ImageFolder at each resolution; images decoded once per chunk."""
+    """Accuracy on an ImageFolder at each resolution; images decoded once per chunk. A file that
+    cannot be decoded is rejected with the packer's reason (every result lists them); NavitError if
+    none can be."""
     paths, labels = list_image_folder(root, class_names)
     accs = [_Accumulator() for _ in resolutions]
-    skipped = 0
+    rejected: list[dict[str, str]] = []
     for start in range(0, len(paths), chunk_images):
-        decoded = [
-            (_decode(p), lab)
-            for p, lab in zip(
-                paths[start : start + chunk_images], labels[start : start + chunk_images], strict=True
-            )
-        ]
-        skipped += sum(img is None for img, _ in decoded)
-        good = [(img, lab) for img, lab in decoded if img is not None]
+        good = []
+        for p, lab in zip(
+            paths[start : start + chunk_images], labels[start : start + chunk_images], strict=True
+        ):
+            img = _decode(p)
+            if isinstance(img, str):
+                rejected.append({"path": str(p), "reason": img})
+            else:
+                good.append((img, lab))
         for acc, res in zip(accs, resolutions, strict=True):
+            if not good:
+                continue
             if isinstance(res, Square):
                 grids = [square_grid(res.side, patch, seq_len)] * len(good)
             else:
@@ -297,10 +306,23 @@ def evaluate_folder(
             packed = packed_to_rows(pack_rows(imgs, [lab for _, lab in good], patch, seq_len))
             for rows in _batched(packed, batch_rows):
                 acc.add(net, rows, device)
+    if len(rejected) == len(paths):
+        raise NavitError(
+            f"{root}: none of the {len(paths)} images could be evaluated ({rejection_summary(rejected)})"
+        )
     return [
-        acc.result("native" if r is None else str(r), skipped)
+        acc.result("native" if r is None else str(r), rejected)
         for acc, r in zip(accs, resolutions, strict=True)
     ]
+
+
+def rejection_summary(rejected: list[dict[str, str]]) -> str:
+    """'2 corrupt or truncated image, 1 decompression bomb': counts by the reason's kind (the text
+    before its first colon), most frequent first."""
+    from collections import Counter
+
+    kinds = Counter(r["reason"].split(":", 1)[0] for r in rejected)
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def evaluate_shards(

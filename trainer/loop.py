@@ -28,6 +28,7 @@ from trainer.config import TrainConfig, incompatible_fields
 from trainer.distributed import all_gather_json, all_reduce_sum, barrier, init_distributed
 from trainer.metrics import MetricsLogger
 from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
+from trainer.model_checks import check_attention_device
 
 
 @dataclass
@@ -183,6 +184,7 @@ def train(
     run = Path(out)
     check_run_dir(run, resume)
     device = resolve_device(cfg.device)
+    check_attention_device(cfg.model.attention, cfg.model.overrides.get("attention"), device.type)
     info = init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
