@@ -82,10 +82,8 @@ class NaViTConfig:
             (self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}"),
             (self.channels >= 1, f"channels must be >= 1, got {self.channels}"),
             (self.dim >= 1, f"dim must be >= 1, got {self.dim}"),
-            (
-                self.depth >= 0 and self.heads >= 1,
-                f"depth >= 0 and heads >= 1, got {self.depth}, {self.heads}",
-            ),
+            (self.depth >= 0, f"depth must be >= 0, got {self.depth}"),
+            (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
             (
                 self.heads < 1 or self.dim % self.heads == 0,
                 f"dim {self.dim} is not divisible by heads {self.heads}",
