@@ -38,7 +38,8 @@ def test_rejected_files_are_listed_with_reasons(checkpoint, tmp_path, capsys):
     images, labels = make_images(4, seed=5)
     folder = write_image_folder(tmp_path / "val", images, labels)
     write_files(folder / CLASSES[0], BAD)
-    argv = ["eval", str(folder), "--checkpoint", str(checkpoint), "--resolutions", "16,native", "--device", "cpu"]
+    argv = ["eval", str(folder), "--checkpoint", str(checkpoint), "--resolutions", "16,native"]
+    argv += ["--device", "cpu"]
 
     code, cap = run_cli([*argv, "--json"], capsys)
     assert code == 0, cap.err
