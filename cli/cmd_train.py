@@ -183,6 +183,18 @@ def register(app: typer.Typer) -> None:
         resolution: ResolutionOpt = None,
         token_drop: TokenDropOpt = None,
         ray_address: RayAddressOpt = None,
+        init_from: Annotated[
+            str | None,
+            typer.Option(
+                "--init-from",
+                help="start from weights: a navit export, checkpoint or run folder, or a timm ViT state "
+                "dict (.safetensors/.pth, or a timm model folder)",
+                show_default=False,
+            ),
+        ] = None,
+        reset_head: Annotated[
+            bool, typer.Option("--reset-head", help="with --init-from: a new classifier head for this data")
+        ] = False,
     ) -> None:
         """Train NaViT (AdamW, warmup + cosine, per-image loss, checkpoints, exact --resume, DDP)."""
         from packer.errors import ConfigError
@@ -190,6 +202,8 @@ def register(app: typer.Typer) -> None:
 
         if (data is None) == (images is None):
             raise ConfigError("give exactly one of --data DIR|flight://HOST:PORT or --images SOURCE")
+        if reset_head and init_from is None:
+            raise ConfigError("--reset-head needs --init-from (a new run's head is always fresh)")
         if data is not None:  # the packing of --data is fixed: a packing flag would be ignored
             for flag, value in (
                 ("--seq-len", seq_len),
@@ -202,6 +216,8 @@ def register(app: typer.Typer) -> None:
                         f"{flag}: used only by live training (--images); the packing of --data was "
                         "fixed when it was packed"
                     )
+        # `train.` names the config file's train section: --set train.freeze=trunk = --set freeze=trunk.
+        sets = [x[len("train.") :] if x.startswith("train.") else x for x in sets or []]
         train_sets, pack_sets = split_sets(sets, live=images is not None)
         cfg: TrainConfig = train_config_from_flags(
             config,
@@ -225,6 +241,8 @@ def register(app: typer.Typer) -> None:
         from trainer.loop import check_run_dir
 
         check_run_dir(out, resume)  # before the data is verified (which may take long)
+        if init_from is not None and not Path(init_from).exists():
+            raise ConfigError(f"--init-from {init_from}: not found")
         token = None
         if token_file is not None:
             from trainer.flight_client import read_token_file
@@ -246,7 +264,7 @@ def register(app: typer.Typer) -> None:
 
         from trainer.loop import train as run_train
 
-        run_train(cfg, source_factory, out, resume=resume)
+        run_train(cfg, source_factory, out, resume=resume, init_from=init_from, reset_head=reset_head)
 
 
 def _source_factory(

@@ -21,7 +21,8 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """Patch n' Pack for native-resolution ViTs: synth, plan, pack, stats, inspect, train, eval, serve."""
+    """Patch n' Pack for native-resolution ViTs: synth, plan, pack, stats, inspect, train, eval, embed,
+    export, serve."""
 
 
 # Order here is the order in `navit --help`.
@@ -33,6 +34,8 @@ COMMAND_MODULES = (
     "cli.cmd_inspect",
     "cli.cmd_train",
     "cli.cmd_eval",
+    "cli.cmd_embed",
+    "cli.cmd_export",
     "cli.cmd_serve",
     "cli.cmd_doctor",
 )

@@ -26,6 +26,9 @@ from torch import nn
 
 from model.attention import BACKENDS, Layout, build_layout, resolve_backend
 from model.posemb import POSEMB_KINDS, FactorizedPosEmb
+from model.posemb_table import TablePosEmb
+
+POSEMB_ALL = (*POSEMB_KINDS, "table2d")  # table2d: model/posemb_table.py
 
 INITS = ("trunc_normal", "xavier", "torch")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,12 +61,13 @@ class NaViTConfig:
     heads: int = 3
     mlp_ratio: float = 4.0
     num_classes: int = 1000  # 0 = no classifier (out.logits is None)
-    posemb: str = "learned"  # learned | sincos | fourier | absolute
+    posemb: str = "learned"  # learned | sincos | fourier | absolute | table2d (a ViT's 2-D table)
     posemb_buckets: int = 64  # fractional-coordinate buckets per axis ('learned')
     posemb_std: float = 0.5  # init std of each axis' table ('learned', 'absolute')
-    max_grid: int = 64  # reference grid size ('sincos', 'fourier') / table size ('absolute')
+    max_grid: int = 64  # reference grid size ('sincos', 'fourier') / table size ('absolute', 'table2d')
     qk_norm: bool = False  # LayerNorm on per-head queries and keys
     pool: str = "mean"  # mean | attn (one learned probe per image)
+    fc_norm: bool = False  # final LayerNorm on the pooled embedding instead of every token (timm 'avg')
     patch_norm: bool = False  # LayerNorm over each patch's p*p*C normalised pixels before the embedding
     init: str = "xavier"  # linear layers: xavier (Glorot uniform) | trunc_normal (std 0.02) | torch
     attention: str = "auto"  # auto | dense | segment | flex | varlen
@@ -90,7 +94,7 @@ class NaViTConfig:
             ),
             (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
             (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
-            (self.posemb in POSEMB_KINDS, f"posemb must be one of {POSEMB_KINDS}, got {self.posemb!r}"),
+            (self.posemb in POSEMB_ALL, f"posemb must be one of {POSEMB_ALL}, got {self.posemb!r}"),
             (self.posemb_buckets >= 1 and self.max_grid >= 1, "posemb_buckets and max_grid must be >= 1"),
             (self.posemb_std >= 0, f"posemb_std must be >= 0, got {self.posemb_std}"),
             (
@@ -185,6 +189,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "init": "trunc_normal",  # added in issue 11
     "posemb_std": 0.02,  # added in issue 11
     "pool": "attn",  # default changed to "mean" in issue 11
+    "fc_norm": False,  # added in issue 18
 }
 
 
@@ -314,9 +319,13 @@ class NaViT(nn.Module):
         self.register_buffer("pixel_inv_std", 1.0 / std, persistent=False)
         self.patch_norm = nn.LayerNorm(cfg.patch_dim, eps=cfg.norm_eps) if cfg.patch_norm else None
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
-        self.pos_embed = FactorizedPosEmb(
-            cfg.posemb, cfg.dim, cfg.posemb_buckets, cfg.max_grid, init_std=cfg.posemb_std
-        )
+        self.pos_embed: nn.Module
+        if cfg.posemb == "table2d":
+            self.pos_embed = TablePosEmb(cfg.dim, cfg.max_grid, init_std=cfg.posemb_std)
+        else:
+            self.pos_embed = FactorizedPosEmb(
+                cfg.posemb, cfg.dim, cfg.posemb_buckets, cfg.max_grid, init_std=cfg.posemb_std
+            )
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -326,6 +335,14 @@ class NaViT(nn.Module):
             self.apply(_init_xavier if cfg.init == "xavier" else _init_weights)
         if self.pool is not None:
             nn.init.normal_(self.pool.probe, std=0.02)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> NaViT:
+        """The model of a ``navit export`` folder (config.json + model.safetensors), in eval mode;
+        plain torch + safetensors (model/pretrained.py). ``net.class_names``: the export's, or None."""
+        from model.pretrained import load_pretrained
+
+        return load_pretrained(path, device)
 
     def layout(self, segment_ids: torch.Tensor) -> Layout:
         """The per-forward token layout for the configured backend on this device."""
@@ -356,13 +373,16 @@ class NaViT(nn.Module):
             x = blk(x, lay, image_ids)
         if not lay.packed:
             x = x.reshape(b * length, -1).index_select(0, lay.token_index)  # (T, D) real tokens
-        x = self.norm(x)
+        if not self.cfg.fc_norm:
+            x = self.norm(x)
         n = lay.num_images
         if self.pool is not None:
             emb = self.pool(x, lay.image_of_token, n)  # (N, D)
         else:
             counts = torch.as_tensor(lay.lengths, device=x.device, dtype=x.dtype)[:, None]  # (N, 1)
             emb = x.new_zeros(n, x.shape[-1]).index_add(0, lay.image_of_token, x) / counts
+        if self.cfg.fc_norm:
+            emb = self.norm(emb)
         logits = self.head(emb) if self.head is not None else None
         return NaViTOutput(emb, logits, lay.image_rows, lay.image_segments)
 

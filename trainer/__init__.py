@@ -12,6 +12,8 @@ Modules (import what you need; this package imports none of them eagerly, so tha
 - ``trainer.checkpoint``   atomic safetensors + weights_only checkpoints
 - ``trainer.metrics``      progress line, metrics.jsonl, TensorBoard
 - ``trainer.evaluate``     accuracy at several resolutions (``navit eval``)
+- ``trainer.embed``        embeddings + top-k of any image source to Parquet (``navit embed``)
+- ``trainer.init_from``    ``--init-from`` (navit export/checkpoint, timm ViT), ``--reset-head``, freezing
 - ``trainer.distributed``  DDP set-up under torchrun
 - ``trainer.flight_client`` client of ``navit serve``
 """

@@ -115,6 +115,9 @@ class TrainConfig(_Section):
     checkpoint: CheckpointSection = CheckpointSection()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     compile: bool = Field(False, description="torch.compile the model")
+    freeze: Literal["none", "trunk"] = Field(
+        "none", description="trunk = train only the classifier head (a linear probe on frozen embeddings)"
+    )
     log_every: int = Field(10, ge=1, description="steps between metric lines")
 
     @model_validator(mode="after")

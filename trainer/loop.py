@@ -26,6 +26,7 @@ from trainer import checkpoint as ckpt
 from trainer.batch import BatchSource, DataPosition, HostBatch
 from trainer.config import TrainConfig, incompatible_fields
 from trainer.distributed import all_gather_json, all_reduce_sum, barrier, init_distributed
+from trainer.init_from import apply_freeze, prepare_init
 from trainer.metrics import MetricsLogger
 from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
 from trainer.model_checks import check_attention_device
@@ -121,13 +122,14 @@ def check_memory(
     source: Any,
     device: torch.device,
     info: Any,
+    stored: dict[str, Any] | None = None,
 ) -> None:
     """Refuse (one line, on every rank) a step whose memory floor (trainer/memory.py) exceeds what
     this process has: before the model, the optimizer or any batch is allocated."""
     from trainer import memory
 
     with torch.device("meta"):  # shapes only: no memory, no RNG draws
-        shell, mcfg = build_model(cfg, num_classes, source.patch_size)
+        shell, mcfg = build_model(cfg, num_classes, source.patch_size, stored)
     est = memory.estimate_step(
         sum(p.numel() for p in shell.parameters()),
         mcfg.depth,
@@ -175,12 +177,15 @@ def train(
     stop_after: int | None = None,
     verbose: bool = True,
     class_names: list[str] | None = None,
+    init_from: str | Path | None = None,
+    reset_head: bool = False,
 ) -> TrainResult:
     """Run (or resume) training into ``out``. ``source`` is a BatchSource for *this* rank, or a
     callable ``(DistInfo) -> BatchSource`` (built after the process group is up).
 
     ``stop_after``: stop after this global step as if interrupted (for tests and time-boxed jobs);
-    the schedule still targets ``cfg.schedule.steps``."""
+    the schedule still targets ``cfg.schedule.steps``. ``init_from``/``reset_head``: start a new run
+    from existing weights (trainer/init_from.py; ignored on resume, the run has its own)."""
     run = Path(out)
     check_run_dir(run, resume)
     device = resolve_device(cfg.device)
@@ -222,12 +227,17 @@ def train(
             raise NavitError(f"--resume: {run} was trained on {state.meta.get('data')!r}, not on this data")
         num_classes = int(state.meta["model_config"].get("num_classes", num_classes))
 
-    check_memory(cfg, num_classes, source, device, info)
+    init = prepare_init(init_from, cfg, source, reset_head) if init_from and state is None else None
+    num_classes = init.num_classes if init else num_classes
+    stored = state.meta["model_config"] if state is not None else (init.model_config if init else None)
+    check_memory(cfg, num_classes, source, device, info, stored)
     torch.manual_seed(cfg.seed)
-    stored = state.meta["model_config"] if state is not None else None
     model, mcfg = build_model(cfg, num_classes, source.patch_size, stored)
     if state is not None:
         model.load_state_dict(state.weights)
+    elif init is not None:
+        init.apply(model)
+    trainable = apply_freeze(model, cfg.freeze)
     model.to(device)
     opt = torch.optim.AdamW(
         _param_groups(model, cfg.optim.weight_decay),
@@ -266,10 +276,13 @@ def train(
             run, cfg.schedule.steps, cfg.log_every, enabled=True, stream=_NullStream(), resume_step=rewind
         )
     n_params = sum(p.numel() for p in model.parameters())
+    for note in init.notes if init else []:
+        log.message(f"note: --init-from: {note}")
+    frozen = f", {trainable / 1e6:.2f}M trainable" if trainable < n_params else ""
     log.message(
-        f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params, {num_classes} classes) on "
+        f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params{frozen}, {num_classes} classes) on "
         f"{device}{f' x{info.world_size}' if info.enabled else ''}, {source.description}, "
-        f"{'resuming at step ' + str(step) if state else 'from scratch'}"
+        f"{'resuming at step ' + str(step) if state else f'from {init_from}' if init else 'from scratch'}"
     )
     log.event({"event": "resume" if state else "start", "step": step, "config": cfg.model_dump(mode="json")})
 
@@ -281,6 +294,7 @@ def train(
         "seq_len": source.seq_len,
         "patch_size": source.patch_size,
         "class_names": class_names or getattr(source, "class_names", None),
+        "init_from": init.record() if init else (state.meta.get("init_from") if state else None),
     }
 
     def save(at: int) -> Path | None:

@@ -40,6 +40,7 @@ class RecordBatchSource:
     pin_memory: bool = False
     max_epochs: int | None = None
     class_names: list[str] | None = None
+    fingerprint: str | None = None  # the data's identity for --resume (else the description)
 
     def _rows(self, start: DataPosition) -> Iterator[tuple[Rows, DataPosition]]:
         epoch, row = start.epoch, start.rows
@@ -130,6 +131,10 @@ def _flight_source(
         description=f"flight {uri}",
         prefetch=prefetch,
         pin_memory=pin,
+        # The served data's identity (a pack's shard digests, or live source + config + seed), so a
+        # resumed run checks the data, not the address: another port with the same data is fine,
+        # the same port serving other data is refused. Servers before data_id: the address.
+        fingerprint=info.get("data_id"),
     )
 
 
