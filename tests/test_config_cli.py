@@ -49,7 +49,7 @@ def stand_ins(monkeypatch):
     def fake_live_source(source, cfg, **kw):
         raise Resolved(cfg)
 
-    def fake_train(cfg, source_factory, out, resume=False):
+    def fake_train(cfg, source_factory, out, **kw):
         if source_factory.__name__ == "make_live":  # the live pack config, with the train config
             try:
                 source_factory(SimpleNamespace(rank=0, world_size=1, local_rank=0))
