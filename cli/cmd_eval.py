@@ -33,6 +33,17 @@ def register(app: typer.Typer) -> None:
         ] = None,
         device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
         batch_rows: Annotated[int, typer.Option("--batch-rows", help="packed rows per forward", min=1)] = 8,
+        ema: Annotated[
+            bool, typer.Option("--ema", help="evaluate the checkpoint's EMA weights (train.ema_decay > 0)")
+        ] = False,
+        sets: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--set",
+                help="model.attention=BACKEND: evaluate with another attention backend",
+                show_default=False,
+            ),
+        ] = None,
     ) -> None:
         """Top-1 / top-5 accuracy of a checkpoint at each resolution (no Ray)."""
         from packer import schema
@@ -48,7 +59,8 @@ def register(app: typer.Typer) -> None:
 
         res = parse_resolutions(resolutions)
         dev = resolve_device(device)
-        net, meta = load_model(checkpoint, dev)
+        attention = _attention_from_sets(sets)
+        net, meta = load_model(checkpoint, dev, ema=ema, attention=attention)
         is_pack = "://" in source or (Path(source) / schema.INDEX_FILE).is_file()
         if is_pack:
             results = evaluate_shards(net, source, device=dev, batch_rows=batch_rows)
@@ -78,3 +90,17 @@ def register(app: typer.Typer) -> None:
             typer.echo(format_table(results))
             if results and results[0].skipped:
                 typer.echo(f"({results[0].skipped} undecodable files skipped)")
+
+
+def _attention_from_sets(sets: list[str] | None) -> str | None:
+    """``--set model.attention=flex`` → "flex"; anything else is refused in one line (the rest of the
+    model comes from the checkpoint)."""
+    from packer.errors import ConfigError
+
+    attention = None
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if key.strip() != "model.attention" or not sep or not value.strip():
+            raise ConfigError(f"--set {item}: navit eval accepts only model.attention=BACKEND")
+        attention = value.strip()
+    return attention

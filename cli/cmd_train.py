@@ -146,6 +146,27 @@ def register(app: typer.Typer) -> None:
             typer.Option("--compile/--no-compile", help="torch.compile the model", show_default=False),
         ] = None,
         sets: SetOpt = None,
+        val: Annotated[
+            str | None,
+            typer.Option(
+                "--val",
+                help="held-out pack or labelled image folder: top-1/loss every eval_every steps and at "
+                "the end; the best top-1 is kept as RUN/checkpoints/best",
+                show_default=False,
+            ),
+        ] = None,
+        eval_every: Annotated[
+            int | None,
+            typer.Option(
+                "--eval-every", help="steps between --val evaluations (0 = at the end)", show_default=False
+            ),
+        ] = None,
+        log: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--log", help="extra metric sink: tensorboard | wandb (repeatable)", show_default=False
+            ),
+        ] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out exactly")] = False,
         token_file: Annotated[
             Path | None, typer.Option("--token-file", help="flight:// auth token file", show_default=False)
@@ -197,12 +218,21 @@ def register(app: typer.Typer) -> None:
                 "seed": seed,
                 "checkpoint.every": checkpoint_every,
                 "compile": compile_,
+                "eval_every": eval_every,
+                "loggers": [x.strip() for v in log for x in v.split(",") if x.strip()] if log else None,
             },
             resume_from=out if resume else None,
         )
         from trainer.loop import check_run_dir
 
         check_run_dir(out, resume)  # before the data is verified (which may take long)
+        from trainer.loggers import check_available
+
+        check_available(cfg.loggers)
+        if val is not None:
+            from trainer.validate import check_val_spec
+
+            check_val_spec(val)
         if init_from is not None and not Path(init_from).exists():
             raise ConfigError(f"--init-from {init_from}: not found")
         token = None
@@ -226,7 +256,9 @@ def register(app: typer.Typer) -> None:
 
         from trainer.loop import train as run_train
 
-        run_train(cfg, source_factory, out, resume=resume, init_from=init_from, reset_head=reset_head)
+        run_train(
+            cfg, source_factory, out, resume=resume, val=val, init_from=init_from, reset_head=reset_head
+        )
 
 
 def _source_factory(

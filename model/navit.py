@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from model.attention import BACKENDS, Layout, build_layout, resolve_backend
@@ -74,6 +75,7 @@ class NaViTConfig:
     segment_buckets: int = 2  # segment backend: pad lengths to s steps/octave (0 = exact lengths)
     dropout: float = 0.0  # after attention/MLP projections
     drop_path: float = 0.0  # stochastic depth, max rate (linearly increasing with depth), per image
+    grad_checkpoint: bool = False  # training: keep only block inputs, recompute each block in backward
     norm_eps: float = 1e-6
     pixel_mean: tuple[float, ...] = IMAGENET_MEAN  # in [0, 1] units, one per channel
     pixel_std: tuple[float, ...] = IMAGENET_STD
@@ -159,6 +161,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "init": "trunc_normal",  # added in issue 11
     "posemb_std": 0.02,  # added in issue 11
     "pool": "attn",  # default changed to "mean" in issue 11
+    "grad_checkpoint": False,  # added in issue 19 (a memory knob: the function is the same)
     "fc_norm": False,  # added in issue 18
 }
 
@@ -278,7 +281,9 @@ class AttentionPool(nn.Module):
 class NaViT(nn.Module):
     """``net(batch) -> NaViTOutput``; ``batch`` is the dict built by :func:`model.pack_images` or
     the trainer's loader (extra keys such as ``labels`` are ignored). ``patches`` may also be a
-    float tensor in the same 0..255 pixel scale (e.g. to take gradients with respect to pixels)."""
+    float tensor in the same 0..255 pixel scale (e.g. to take gradients with respect to pixels).
+    ``segment_ids_host`` (optional): the segment ids as a numpy array on the host, so the layout
+    needs no device→host copy (the trainer passes it on CUDA)."""
 
     def __init__(self, cfg: NaViTConfig) -> None:
         super().__init__()
@@ -314,15 +319,16 @@ class NaViT(nn.Module):
 
         return load_pretrained(path, device)
 
-    def layout(self, segment_ids: torch.Tensor) -> Layout:
-        """The per-forward token layout for the configured backend on this device."""
+    def layout(self, segment_ids: torch.Tensor, host: Any = None) -> Layout:
+        """The per-forward token layout for the configured backend on this device (``host``: the
+        same ids as a numpy array, which spares a device→host copy; see build_layout)."""
         backend = resolve_backend(self.cfg.attention, segment_ids.device)
-        return build_layout(segment_ids, backend, self.cfg.segment_buckets)
+        return build_layout(segment_ids, backend, self.cfg.segment_buckets, host=host)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> NaViTOutput:
         patches = batch["patches"]  # (B, L, P) uint8 or float pixels
         pos_hw, grid_hw = batch["pos_hw"], batch["grid_hw"]  # (B, L, 2)
-        lay = self.layout(batch["segment_ids"])
+        lay = self.layout(batch["segment_ids"], batch.get("segment_ids_host"))
         b, length = lay.batch, lay.seq_len
         if lay.packed:  # trunk on real tokens only: padding is never even read
             patches = patches.reshape(b * length, -1).index_select(0, lay.token_index)  # (T, P)
@@ -339,8 +345,14 @@ class NaViT(nn.Module):
         if self.patch_norm is not None:
             x = self.patch_norm(x)
         x = self.patch_embed(x) + self.pos_embed(pos_hw, grid_hw)  # (T, D) or (B, L, D)
+        recompute = self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x, lay, image_ids)
+            if recompute:
+                # Non-reentrant checkpoint: the block's activations are recomputed in the backward
+                # (with the same RNG state, so dropout / drop-path masks repeat): equal gradients.
+                x = torch.utils.checkpoint.checkpoint(blk, x, lay, image_ids, use_reentrant=False)
+            else:
+                x = blk(x, lay, image_ids)
         if not lay.packed:
             x = x.reshape(b * length, -1).index_select(0, lay.token_index)  # (T, D) real tokens
         if not self.cfg.fc_norm:
@@ -349,7 +361,8 @@ class NaViT(nn.Module):
         if self.pool is not None:
             emb = self.pool(x, lay.image_of_token, n)  # (N, D)
         else:
-            counts = torch.as_tensor(lay.lengths, device=x.device, dtype=x.dtype)[:, None]  # (N, 1)
+            # non-blocking: a blocking host→device copy waits for the GPU (a sync per forward)
+            counts = torch.from_numpy(lay.lengths).to(x.device, non_blocking=True).to(x.dtype)[:, None]
             emb = x.new_zeros(n, x.shape[-1]).index_add(0, lay.image_of_token, x) / counts
         if self.cfg.fc_norm:
             emb = self.norm(emb)

@@ -35,6 +35,8 @@ def _range(field) -> str:
             if v is not None:
                 bits.append(f"{sym} {v}")
     ann = field.annotation
+    if typing.get_origin(ann) is list and typing.get_args(ann):  # list of choices: list[Literal[...]]
+        ann = typing.get_args(ann)[0]
     if typing.get_origin(ann) is typing.Literal:
         bits.append(" \\| ".join(f"`{a}`" for a in typing.get_args(ann)))
     return ", ".join(bits)
@@ -54,7 +56,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             nested.append((f"{prefix}{name}.", ann))
             continue
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         if isinstance(default, tuple):
             default = list(default)
         desc = (field.description or "").replace("|", "\\|")

@@ -352,3 +352,12 @@ def test_step_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path, s
         ).steps
         == 2
     )
+
+
+def test_activation_checkpointing_lowers_the_activation_floor():
+    from trainer import memory
+
+    plain = memory.estimate_step(0, 12, 192, 768, 8, 256, 1)
+    ckpt = memory.estimate_step(0, 12, 192, 768, 8, 256, 1, grad_checkpoint=True)
+    # block inputs (1 float per token, block, channel) + one block's 16 while it is recomputed
+    assert ckpt.activations == 8 * 256 * 192 * (12 + 16) * 4 < plain.activations

@@ -4,13 +4,16 @@ Layout of ``RUN/checkpoints/step-00001000/`` (written as a temp directory, then 
 so a crash never leaves a half-written checkpoint under a final name)::
 
     model.safetensors   the model's weights (safetensors: no code runs on load)
+    ema.safetensors     the EMA of the weights (only with ``ema_decay`` > 0; trainer/ema.py)
     state.pt            optimizer + scheduler state and RNG states: only tensors and plain Python
                         containers, loaded with torch.load(weights_only=True)
     meta.json           format/version, step, TrainConfig, NaViTConfig, data position per rank,
                         counters (images/tokens seen), class names, last metrics
 
 The newest complete checkpoint (one with meta.json) is the one ``--resume`` and ``navit eval
---checkpoint RUN`` pick; only the last ``keep`` are kept.
+--checkpoint RUN`` pick; only the last ``keep`` are kept. ``RUN/checkpoints/best/`` (with ``--val``)
+is the checkpoint of the best held-out top-1 so far, in the same layout; it is never pruned and never
+resumed from.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from packer.errors import NavitError
 FORMAT = "navit-train-checkpoint"
 VERSION = 1
 CKPT_DIR = "checkpoints"
+BEST = "best"  # RUN/checkpoints/best: the best held-out top-1 so far (trainer/validate.py)
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -45,6 +49,19 @@ class Checkpoint:
     @property
     def step(self) -> int:
         return int(self.meta["step"])
+
+    def extra_weights(self, name: str) -> dict[str, torch.Tensor] | None:
+        """``NAME.safetensors`` saved beside the model (e.g. ``ema``), or None if it was not saved."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        f = self.path / f"{name}.safetensors"
+        if not f.is_file():
+            return None
+        try:
+            return load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise NavitError(f"{f}: cannot load ({e})") from None
 
     def train_state(self) -> dict[str, Any]:
         """Optimizer/scheduler/RNG state (weights_only: no arbitrary unpickling)."""
@@ -69,23 +86,31 @@ def save_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep: int = 3,
+    extra: dict[str, torch.nn.Module] | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write ``RUN/checkpoints/step-XXXXXXXX`` atomically, then delete all but the newest ``keep``."""
+    """Write ``RUN/checkpoints/step-XXXXXXXX`` atomically, then delete all but the newest ``keep``.
+
+    ``extra``: more modules whose weights go beside the model as ``NAME.safetensors`` (the EMA);
+    ``name``: another directory name than ``step-XXXXXXXX`` (``best``), never counted or pruned."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"
+    final = root / (name or f"step-{step:08d}")
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    # clone(): safetensors refuses tensors that share storage (e.g. tied weights).
-    weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
+    files = ["model.safetensors", "state.pt", "meta.json"]
+    for stem, module in {"model": model, **(extra or {})}.items():
+        # clone(): safetensors refuses tensors that share storage (e.g. tied weights).
+        weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
+        save_file(weights, str(tmp / f"{stem}.safetensors"))
+        files += [f"{stem}.safetensors"] if stem != "model" else []
     torch.save(train_state, tmp / "state.pt")
     full_meta = {"format": FORMAT, "version": VERSION, "step": step, **meta}
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
-    for name in ("model.safetensors", "state.pt", "meta.json"):
-        with open(tmp / name, "rb") as f:
+    for f_name in files:
+        with open(tmp / f_name, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
     if final.exists():

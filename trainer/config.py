@@ -8,6 +8,7 @@ Loaded from a YAML file (its top level, or its ``train`` section) plus dotted ov
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,9 @@ class ModelSection(_Section):
     attention: str = Field("auto", description="attention backend: auto | dense | segment | flex | varlen")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="any NaViTConfig field, e.g. {depth: 2, dim: 64}"
+    )
+    grad_checkpoint: bool = Field(
+        False, description="recompute each block in the backward (activation checkpointing): less memory"
     )
 
 
@@ -105,7 +109,19 @@ class TrainConfig(_Section):
     freeze: Literal["none", "trunk"] = Field(
         "none", description="trunk = train only the classifier head (a linear probe on frozen embeddings)"
     )
-    log_every: int = Field(10, ge=1, description="steps between metric lines")
+    log_every: int = Field(10, ge=1, description="steps between metric lines (and host syncs)")
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="extra metric sinks besides console + metrics.jsonl (--log)"
+    )
+    eval_every: int = Field(
+        0, ge=0, description="steps between held-out evaluations with --val (0 = at the end only)"
+    )
+    eval_resolution: str = Field(
+        "native", description="--val image folder: longer side in px, 'native' or sqN (as navit eval)"
+    )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="EMA of the weights, evaluated and saved alongside (0 = off)"
+    )
 
     @model_validator(mode="after")
     def _warmup(self) -> TrainConfig:
@@ -113,6 +129,10 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be <= steps "
                 f"({self.schedule.steps})"
+            )
+        if not re.fullmatch(r"native|[1-9]\d*|sq[1-9]\d*", self.eval_resolution):
+            raise ValueError(
+                f"eval_resolution {self.eval_resolution!r}: give a positive integer, 'native' or sqN"
             )
         return self
 
@@ -130,6 +150,10 @@ RESUME_MUTABLE = {
     "compile",
     "log_every",
     "model.attention",
+    "model.grad_checkpoint",
+    "loggers",
+    "eval_every",
+    "eval_resolution",
 }
 
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from packer import schema
 from packer.errors import NavitError
-from trainer.batch import Rows, collate_rows
+from trainer.batch import HostBatch, Rows, collate_rows
 
 # ----------------------------------------------------------------------------------------------------
 # numpy images → packed rows
@@ -190,6 +191,7 @@ class EvalResult:
     top5: float
     tokens_per_image: float
     skipped: int = 0  # undecodable files (listed by path in `skipped_paths`)
+    loss: float = math.nan  # mean cross-entropy per labelled image
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -198,11 +200,14 @@ class EvalResult:
 class _Accumulator:
     def __init__(self) -> None:
         self.n = self.top1 = self.top5 = self.tokens = 0
+        self.loss = 0.0
+
+    def add(self, net: torch.nn.Module, rows: Rows, device: torch.device) -> None:
+        self.add_batch(net, collate_rows(rows), device)
 
     @torch.no_grad()
-    def add(self, net: torch.nn.Module, rows: Rows, device: torch.device) -> None:
-        hb = collate_rows(rows)
-        batch = hb.to(device)
+    def add_batch(self, net: torch.nn.Module, hb: HostBatch, device: torch.device) -> None:
+        batch = hb.to(device, host_layout=True)
         labels = batch.pop("labels")
         logits = net(batch).logits.float()  # (N, C)
         k = min(5, logits.shape[-1])
@@ -211,21 +216,42 @@ class _Accumulator:
         self.top1 += int(((top[:, 0] == labels) & ok).sum())
         self.top5 += int(((top == labels[:, None]).any(-1) & ok).sum())
         self.n += int(ok.sum())
+        self.loss += float(F.cross_entropy(logits[ok], labels[ok], reduction="sum"))
         self.tokens += hb.real_tokens
 
     def result(self, res: str, skipped: int = 0) -> EvalResult:
         n = max(self.n, 1)
-        return EvalResult(res, self.n, self.top1 / n, self.top5 / n, self.tokens / n, skipped)
+        loss = self.loss / self.n if self.n else math.nan
+        return EvalResult(res, self.n, self.top1 / n, self.top5 / n, self.tokens / n, skipped, loss)
 
 
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model of a checkpoint (or a run's newest one), in eval mode on ``device``, and its meta."""
+def load_model(
+    checkpoint: str | Path, device: torch.device, *, ema: bool = False, attention: str | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a checkpoint (or a run's newest one), in eval mode on ``device``, and its meta.
+    ``ema``: its EMA weights (``ema.safetensors``) instead; ``attention``: another backend."""
+    import dataclasses
+
     from model import NaViT, NaViTConfig
     from trainer.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
-    net = NaViT(NaViTConfig.from_dict(ck.meta["model_config"]))
-    net.load_state_dict(ck.weights)
+    mcfg = NaViTConfig.from_dict(ck.meta["model_config"])
+    if attention is not None:
+        from model.attention import resolve_backend
+
+        try:
+            mcfg = dataclasses.replace(mcfg, attention=attention)
+            resolve_backend(attention, torch.device(device))  # e.g. varlen without CUDA
+        except ValueError as e:
+            raise NavitError(f"model.attention: {e}") from None
+    net = NaViT(mcfg)
+    weights = ck.weights
+    if ema:
+        weights = ck.extra_weights("ema")
+        if weights is None:
+            raise NavitError(f"--ema: {ck.path} holds no EMA weights (trained without ema_decay)")
+    net.load_state_dict(weights)
     return net.to(device).eval(), {**ck.meta, "path": str(ck.path)}
 
 
@@ -263,6 +289,28 @@ def _batched(rows: Rows, batch_rows: int) -> Iterator[Rows]:
         )
 
 
+def iter_folder_chunks(
+    root: str | Path, class_names: list[str] | None = None, chunk_images: int = 256
+) -> Iterator[tuple[list[tuple[np.ndarray, int]], int]]:
+    """An ImageFolder decoded ``chunk_images`` at a time: (decoded (image, label) pairs, number of
+    undecodable files) per chunk."""
+    paths, labels = list_image_folder(root, class_names)
+    for start in range(0, len(paths), chunk_images):
+        sl = slice(start, start + chunk_images)
+        decoded = [(_decode(p), lab) for p, lab in zip(paths[sl], labels[sl], strict=True)]
+        yield [(img, lab) for img, lab in decoded if img is not None], sum(img is None for img, _ in decoded)
+
+
+def rows_at(good: list[tuple[np.ndarray, int]], res: int | Square | None, patch: int, seq_len: int) -> Rows:
+    """Decoded images resized for one eval resolution and packed next-fit, in order."""
+    if isinstance(res, Square):
+        grids = [square_grid(res.side, patch, seq_len)] * len(good)
+    else:
+        grids = [target_grid(*img.shape[:2], res, patch, seq_len) for img, _ in good]
+    imgs = [_resize(img, *g, patch) for (img, _), g in zip(good, grids, strict=True)]
+    return packed_to_rows(pack_rows(imgs, [lab for _, lab in good], patch, seq_len))
+
+
 def evaluate_folder(
     net: torch.nn.Module,
     root: str | Path,
@@ -276,26 +324,12 @@ def evaluate_folder(
     chunk_images: int = 256,
 ) -> list[EvalResult]:
     """Accuracy on an ImageFolder at each resolution; images decoded once per chunk."""
-    paths, labels = list_image_folder(root, class_names)
     accs = [_Accumulator() for _ in resolutions]
     skipped = 0
-    for start in range(0, len(paths), chunk_images):
-        decoded = [
-            (_decode(p), lab)
-            for p, lab in zip(
-                paths[start : start + chunk_images], labels[start : start + chunk_images], strict=True
-            )
-        ]
-        skipped += sum(img is None for img, _ in decoded)
-        good = [(img, lab) for img, lab in decoded if img is not None]
+    for good, bad in iter_folder_chunks(root, class_names, chunk_images):
+        skipped += bad
         for acc, res in zip(accs, resolutions, strict=True):
-            if isinstance(res, Square):
-                grids = [square_grid(res.side, patch, seq_len)] * len(good)
-            else:
-                grids = [target_grid(*img.shape[:2], res, patch, seq_len) for img, _ in good]
-            imgs = [_resize(img, *g, patch) for (img, _), g in zip(good, grids, strict=True)]
-            packed = packed_to_rows(pack_rows(imgs, [lab for _, lab in good], patch, seq_len))
-            for rows in _batched(packed, batch_rows):
+            for rows in _batched(rows_at(good, res, patch, seq_len), batch_rows):
                 acc.add(net, rows, device)
     return [
         acc.result("native" if r is None else str(r), skipped)
@@ -303,20 +337,25 @@ def evaluate_folder(
     ]
 
 
-def evaluate_shards(
-    net: torch.nn.Module, data_dir: str, *, device: torch.device, batch_rows: int = 8
-) -> list[EvalResult]:
-    """Accuracy on a pack directory's rows as packed (pack epoch 0)."""
+def iter_pack_rows(data_dir: str, batch_rows: int, verify: bool = True) -> Iterator[Rows]:
+    """A pack directory's rows of pack epoch 0, as packed, ``batch_rows`` at a time (within a row group)."""
     from trainer.shards import open_shard_set
 
-    shards = open_shard_set(data_dir, verify=True)
-    acc = _Accumulator()
+    shards = open_shard_set(data_dir, verify=verify)
     for s, f in enumerate(shards.files):
         if shards.shard_epoch[s] != 0:
             continue
         for table in schema.iter_row_groups(data_dir, f):
-            for rows in _batched(Rows.from_arrow(table), batch_rows):
-                acc.add(net, rows, device)
+            yield from _batched(Rows.from_arrow(table), batch_rows)
+
+
+def evaluate_shards(
+    net: torch.nn.Module, data_dir: str, *, device: torch.device, batch_rows: int = 8
+) -> list[EvalResult]:
+    """Accuracy on a pack directory's rows as packed (pack epoch 0)."""
+    acc = _Accumulator()
+    for rows in iter_pack_rows(data_dir, batch_rows):
+        acc.add(net, rows, device)
     return [acc.result("pack")]
 
 
