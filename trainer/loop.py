@@ -237,7 +237,7 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     for note in init.notes if init else []:
         log.message(f"note: --init-from: {note}")
-    frozen = f", {trainable / 1e6:.2f}M trainable" if trainable < n_params else ""
+    frozen = f", {trainable:,} trainable" if trainable < n_params else ""
     log.message(
         f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params{frozen}, {num_classes} classes) on "
         f"{device}{f' x{info.world_size}' if info.enabled else ''}, {source.description}, "
