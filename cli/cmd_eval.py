@@ -79,19 +79,37 @@ def register(app: typer.Typer) -> None:
             )
         if plot is not None:
             plot_results(results, plot, title=f"{meta['path']} on {source}")
+        rejected = results[0].rejected if results else []
         if json_out:
             payload = {
                 "checkpoint": meta["path"],
                 "step": meta["step"],
                 "source": source,
+                "images_listed": (results[0].images if results else 0) + len(rejected),
+                "images_rejected": len(rejected),
                 "results": [r.to_dict() for r in results],
+                "rejected": rejected,
             }
             typer.echo(json.dumps(payload, indent=2))
         else:
             typer.echo(f"checkpoint {meta['path']} (step {meta['step']}) on {source}")
             typer.echo(format_table(results))
-            if results and results[0].skipped:
-                typer.echo(f"({results[0].skipped} undecodable files skipped)")
+            if rejected:
+                typer.echo(_rejected_lines(rejected, results[0].images + len(rejected)))
+
+
+# The text report names this many rejected files; --json lists every one.
+SHOW_REJECTED = 20
+
+
+def _rejected_lines(rejected: list[dict[str, str]], listed: int) -> str:
+    from trainer.evaluate import rejection_summary
+
+    lines = [f"{len(rejected)} of {listed} files rejected, not evaluated ({rejection_summary(rejected)}):"]
+    lines += [f"  {r['path']}: {r['reason']}" for r in rejected[:SHOW_REJECTED]]
+    if len(rejected) > SHOW_REJECTED:
+        lines.append(f"  ... and {len(rejected) - SHOW_REJECTED} more (--json lists every one)")
+    return "\n".join(lines)
 
 
 def _attention_from_sets(sets: list[str] | None) -> str | None:

@@ -33,6 +33,7 @@ from trainer.loggers import open_sinks
 from trainer.memory import check_memory
 from trainer.metrics import MetricsLogger
 from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
+from trainer.model_checks import check_attention_device
 from trainer.optim import build_optimizer, grad_norm
 from trainer.pending import PendingSteps
 from trainer.resume import load_for_resume, set_aside_newer
@@ -132,6 +133,7 @@ def train(
     N or previous; trainer/resume.py), default the newest."""
     run = Path(out)
     device = resolve_device(cfg.device)
+    check_attention_device(cfg.model.attention, cfg.model.overrides.get("attention"), device.type)
     info = init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
@@ -226,7 +228,7 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     for note in init.notes if init else []:
         log.message(f"note: --init-from: {note}")
-    frozen = f", {trainable / 1e6:.2f}M trainable" if trainable < n_params else ""
+    frozen = f", {trainable:,} trainable" if trainable < n_params else ""
     log.message(
         f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params{frozen}, {num_classes} classes) on "
         f"{device}{f' x{info.world_size}' if info.enabled else ''}, {source.description}, "
