@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile scripts/system_deps.sh
 	$(BIN)/python -m pip install -q --upgrade "pip>=24" setuptools wheel
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# timm (tests/test_timm_convert.py's reference) without its dependencies: its torchvision pin
+	@# would replace the chosen torch, and a ViT's forward needs none of them (tests/timm_runner.py).
+	$(BIN)/python -m pip install -q --no-deps "timm>=1.0,<2"
 	@# matplotlib pulls plain pillow, which overwrites PIL: put pillow-simd back, last.
 	$(BIN)/python -m pip uninstall -q -y pillow >/dev/null 2>&1 || true
 	$(BIN)/python -m pip install -q --force-reinstall --no-deps pillow-simd

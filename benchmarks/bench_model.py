@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,11 +98,11 @@ class NaViTStyleMask(Layout):
 def use_layout(net: NaViT, method: str) -> None:
     """Point the model at one attention variant (all share the same weights and trunk)."""
     if method == "ceiling":  # dense backend without any mask
-        net.layout = lambda seg: build_layout(seg, "dense", with_dense_mask=False)  # type: ignore[method-assign]
+        net.layout = lambda seg, host=None: build_layout(seg, "dense", with_dense_mask=False, host=host)  # type: ignore[method-assign]
     elif method == "navit-mask":
 
-        def lay(seg: torch.Tensor) -> Layout:
-            base = build_layout(seg, "dense", with_dense_mask=False)
+        def lay(seg: torch.Tensor, host: Any = None) -> Layout:
+            base = build_layout(seg, "dense", with_dense_mask=False, host=host)
             s = seg.long()  # the mask is rebuilt from image ids every forward, as na_vit does
             mask = (s[:, :, None] == s[:, None, :]) & (s[:, :, None] > 0) & (s[:, None, :] > 0)
             base.__class__ = NaViTStyleMask

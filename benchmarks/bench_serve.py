@@ -12,6 +12,10 @@ directory. It measures, each ``--repeats`` times (best and median reported):
 
 MB/s counts the Arrow bytes of the record batches received (pixels dominate). The page cache is
 warmed first, so "local" is memory speed, not disk speed.
+
+``--stalled N [--max-streams M]`` measures something else: N clients open a stream and never read
+it; it reports the server's RSS and threads before and 3 s after, how many streams the server
+accepted and refused, and how long SIGTERM takes to stop it while they hold their streams.
 """
 
 from __future__ import annotations
@@ -125,6 +129,47 @@ def read_flight(uri: str, world: int) -> tuple[int, int, float]:
     return sum(r["rows"] for r in results), sum(r["bytes"] for r in results), span
 
 
+def stalled(data: str, n: int, max_streams: int | None) -> None:
+    import psutil
+    import pyarrow.flight as fl
+
+    extra = [] if max_streams is None else ["--max-streams", str(max_streams)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", data, "--port", "0", "-q", *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", server.stdout.readline()).group(1))
+    proc = psutil.Process(server.pid)
+    base, threads0 = proc.memory_info().rss, proc.num_threads()
+    ticket = fl.Ticket(json.dumps({"epoch": 0, "rank": 0, "world_size": 1}).encode())
+    held, refused = [], 0
+    for _ in range(n):
+        client = fl.FlightClient(f"grpc+tcp://127.0.0.1:{port}")
+        try:
+            held.append((client, client.do_get(ticket)))  # the schema only; never read further
+        except fl.FlightError:
+            refused += 1
+    time.sleep(3)
+    rss, threads = proc.memory_info().rss, proc.num_threads()
+    t = time.perf_counter()
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.communicate(timeout=60)
+        stop = f"SIGTERM stopped it in {time.perf_counter() - t:.2f} s, exit code {server.returncode}"
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.communicate()
+        stop = "SIGTERM did not stop it within 60 s (killed)"
+    print(
+        f"{n} stalled clients, --max-streams {max_streams if max_streams is not None else 'default'}: "
+        f"{len(held)} accepted, {refused} refused; server RSS {base / 2**20:.0f} -> {rss / 2**20:.0f} MiB "
+        f"(+{(rss - base) / 2**20:.0f}), threads {threads0} -> {threads}; {stop}; "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="an existing pack directory (default: write a synthetic one)")
@@ -133,6 +178,8 @@ def main() -> None:
     ap.add_argument("--patch-size", type=int, default=16)
     ap.add_argument("--shard-rows", type=int, default=160)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stalled", type=int, help="measure N clients that never read instead")
+    ap.add_argument("--max-streams", type=int, help="--stalled: the server's --max-streams")
     args = ap.parse_args()
 
     tmp = None
@@ -144,6 +191,13 @@ def main() -> None:
         write_pack(Path(data), args.rows, args.seq_len, args.patch_size, args.shard_rows)
         print(f"wrote synthetic pack {data} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
+    if args.stalled:
+        try:
+            stalled(data, args.stalled, args.max_streams)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+        return
     read_local(data)  # warm the page cache
     server = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "serve", data, "--port", "0", "-q"],

@@ -28,6 +28,7 @@ CASES = (  # preset, rows, seq_len, images per row lo, hi
 
 def one(preset: str, rows: int, seq_len: int, lo: int, hi: int) -> str:
     import numpy as np
+    import psutil
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,7 +45,7 @@ def one(preset: str, rows: int, seq_len: int, lo: int, hi: int) -> str:
     with torch.no_grad():
         net({k: v[:1] for k, v in batch.items()})
     gc.collect()
-    rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    rss = psutil.Process().memory_info().rss
     before = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss)
     net(batch).logits.sum().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

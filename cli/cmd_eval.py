@@ -37,6 +37,17 @@ def register(app: typer.Typer) -> None:
         ] = None,
         device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
         batch_rows: Annotated[int, typer.Option("--batch-rows", help="packed rows per forward", min=1)] = 8,
+        ema: Annotated[
+            bool, typer.Option("--ema", help="evaluate the checkpoint's EMA weights (train.ema_decay > 0)")
+        ] = False,
+        sets: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--set",
+                help="model.attention=BACKEND: evaluate with another attention backend",
+                show_default=False,
+            ),
+        ] = None,
     ) -> None:
         """Top-1 / top-5 accuracy of a checkpoint at each resolution (no Ray)."""
         from packer import schema
@@ -52,7 +63,10 @@ def register(app: typer.Typer) -> None:
 
         res = parse_resolutions(resolutions)
         dev = resolve_device(device)
-        net, meta = load_model(checkpoint, dev)
+        attention = _attention_from_sets(sets)
+        net, meta = load_model(checkpoint, dev, ema=ema, attention=attention)
+        if "files" not in meta:  # written before checkpoints carried digests
+            typer.echo(f"note: {meta['path']} predates checkpoint digests: loaded unverified", err=True)
         from packer.plan.containers import names_containers
 
         is_pack = ("://" in source and not names_containers(source)) or (
@@ -73,16 +87,48 @@ def register(app: typer.Typer) -> None:
             )
         if plot is not None:
             plot_results(results, plot, title=f"{meta['path']} on {source}")
+        rejected = results[0].rejected if results else []
         if json_out:
             payload = {
                 "checkpoint": meta["path"],
                 "step": meta["step"],
                 "source": source,
+                "images_listed": (results[0].images if results else 0) + len(rejected),
+                "images_rejected": len(rejected),
                 "results": [r.to_dict() for r in results],
+                "rejected": rejected,
             }
             typer.echo(json.dumps(payload, indent=2))
         else:
             typer.echo(f"checkpoint {meta['path']} (step {meta['step']}) on {source}")
             typer.echo(format_table(results))
-            if results and results[0].skipped:
-                typer.echo(f"({results[0].skipped} undecodable files skipped)")
+            if rejected:
+                typer.echo(_rejected_lines(rejected, results[0].images + len(rejected)))
+
+
+# The text report names this many rejected files; --json lists every one.
+SHOW_REJECTED = 20
+
+
+def _rejected_lines(rejected: list[dict[str, str]], listed: int) -> str:
+    from trainer.evaluate import rejection_summary
+
+    lines = [f"{len(rejected)} of {listed} files rejected, not evaluated ({rejection_summary(rejected)}):"]
+    lines += [f"  {r['path']}: {r['reason']}" for r in rejected[:SHOW_REJECTED]]
+    if len(rejected) > SHOW_REJECTED:
+        lines.append(f"  ... and {len(rejected) - SHOW_REJECTED} more (--json lists every one)")
+    return "\n".join(lines)
+
+
+def _attention_from_sets(sets: list[str] | None) -> str | None:
+    """``--set model.attention=flex`` → "flex"; anything else is refused in one line (the rest of the
+    model comes from the checkpoint)."""
+    from packer.errors import ConfigError
+
+    attention = None
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if key.strip() != "model.attention" or not sep or not value.strip():
+            raise ConfigError(f"--set {item}: navit eval accepts only model.attention=BACKEND")
+        attention = value.strip()
+    return attention

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from packer.errors import NavitError
+from packer.errors import NavitError, Stopped
 
 app = typer.Typer(
     name="navit",
@@ -21,7 +21,8 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """Patch n' Pack for native-resolution ViTs: synth, plan, pack, stats, inspect, train, eval, serve."""
+    """Patch n' Pack for native-resolution ViTs: synth, plan, pack, stats, inspect, train, eval, embed,
+    export, serve."""
 
 
 # Order here is the order in `navit --help`.
@@ -33,6 +34,8 @@ COMMAND_MODULES = (
     "cli.cmd_inspect",
     "cli.cmd_train",
     "cli.cmd_eval",
+    "cli.cmd_embed",
+    "cli.cmd_export",
     "cli.cmd_serve",
     "cli.cmd_doctor",
 )
@@ -54,6 +57,9 @@ def main() -> None:
     except NavitError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except Stopped as e:  # stopped by a signal after saving what it could: one line, 128 + signum
+        typer.secho(str(e), err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)

@@ -121,16 +121,23 @@ class Layout:
 
 @torch.compiler.disable
 def build_layout(
-    segment_ids: torch.Tensor, backend: str, segment_buckets: int = 0, with_dense_mask: bool = True
+    segment_ids: torch.Tensor,
+    backend: str,
+    segment_buckets: int = 0,
+    with_dense_mask: bool = True,
+    host: np.ndarray | None = None,
 ) -> Layout:
     """The layout of a batch of rows for ``backend`` (already resolved, not ``auto``).
 
     Needs the host to see the segment ids once (data-dependent shapes: T tokens, N images), hence
-    excluded from torch.compile graphs."""
+    excluded from torch.compile graphs. ``host``: the same segment ids already on the host (the
+    batch's host copy), which spares the device→host copy — on CUDA a sync that would stall the
+    step until the GPU has finished all queued work."""
     seg = segment_ids.long()  # (B, L)
     b, length = seg.shape
     dev = seg.device
-    seg_host = seg.cpu().numpy()  # the one host sync of the forward
+    # the one host sync of the forward, unless the caller has the ids on the host
+    seg_host = np.asarray(host) if host is not None else seg.cpu().numpy()
     flat = seg_host.reshape(-1)
     real = np.flatnonzero(flat > 0)  # (T,) flat positions of real tokens, row-major
     # Image key = (row, segment id); a stable sort keeps each image's tokens in row order even if an
@@ -146,7 +153,7 @@ def build_layout(
     image_of_token = np.repeat(np.arange(len(lengths)), lengths)  # (T,)
 
     def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev, non_blocking=True)
 
     lay = Layout(
         backend=backend,
@@ -168,7 +175,7 @@ def build_layout(
         lay.block_mask = _document_block_mask(seg)
     elif backend == "varlen":
         cu = np.r_[0, np.cumsum(lengths)]
-        lay.cu_seqlens = torch.from_numpy(cu.astype(np.int32)).to(dev)
+        lay.cu_seqlens = torch.from_numpy(cu.astype(np.int32)).to(dev, non_blocking=True)
         lay.max_len = int(lengths.max(initial=0))
     return lay
 
@@ -195,10 +202,12 @@ def _build_buckets(
         token_slot[starts[imgs][g] + j] = base + g * nb + j
         mask = None
         if not valid.all():
-            mask = torch.from_numpy(valid).to(dev)[:, None, None, :]  # (G, 1, 1, nb)
-        lay.buckets.append(_Bucket(torch.from_numpy(gather.reshape(-1)).to(dev), mask, len(imgs), int(nb)))
+            mask = torch.from_numpy(valid).to(dev, non_blocking=True)[:, None, None, :]  # (G, 1, 1, nb)
+        lay.buckets.append(
+            _Bucket(torch.from_numpy(gather.reshape(-1)).to(dev, non_blocking=True), mask, len(imgs), int(nb))
+        )
         base += len(imgs) * int(nb)
-    lay.token_slot = torch.from_numpy(token_slot).to(dev)
+    lay.token_slot = torch.from_numpy(token_slot).to(dev, non_blocking=True)
 
 
 def _segment_attend(lay: Layout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

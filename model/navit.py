@@ -22,10 +22,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from model.attention import BACKENDS, Layout, build_layout, resolve_backend
 from model.posemb import POSEMB_KINDS, FactorizedPosEmb
+from model.posemb_table import TablePosEmb
+
+POSEMB_ALL = (*POSEMB_KINDS, "table2d")  # table2d: model/posemb_table.py
 
 INITS = ("trunc_normal", "xavier", "torch")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,36 +62,41 @@ class NaViTConfig:
     heads: int = 3
     mlp_ratio: float = 4.0
     num_classes: int = 1000  # 0 = no classifier (out.logits is None)
-    posemb: str = "learned"  # learned | sincos | fourier | absolute
+    posemb: str = "learned"  # learned | sincos | fourier | absolute | table2d (a ViT's 2-D table)
     posemb_buckets: int = 64  # fractional-coordinate buckets per axis ('learned')
     posemb_std: float = 0.5  # init std of each axis' table ('learned', 'absolute')
-    max_grid: int = 64  # reference grid size ('sincos', 'fourier') / table size ('absolute')
+    max_grid: int = 64  # reference grid size ('sincos', 'fourier') / table size ('absolute', 'table2d')
     qk_norm: bool = False  # LayerNorm on per-head queries and keys
     pool: str = "mean"  # mean | attn (one learned probe per image)
+    fc_norm: bool = False  # final LayerNorm on the pooled embedding instead of every token (timm 'avg')
     patch_norm: bool = False  # LayerNorm over each patch's p*p*C normalised pixels before the embedding
     init: str = "xavier"  # linear layers: xavier (Glorot uniform) | trunc_normal (std 0.02) | torch
     attention: str = "auto"  # auto | dense | segment | flex | varlen
     segment_buckets: int = 2  # segment backend: pad lengths to s steps/octave (0 = exact lengths)
     dropout: float = 0.0  # after attention/MLP projections
     drop_path: float = 0.0  # stochastic depth, max rate (linearly increasing with depth), per image
+    grad_checkpoint: bool = False  # training: keep only block inputs, recompute each block in backward
     norm_eps: float = 1e-6
     pixel_mean: tuple[float, ...] = IMAGENET_MEAN  # in [0, 1] units, one per channel
     pixel_std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.pixel_mean = tuple(float(x) for x in self.pixel_mean)
         self.pixel_std = tuple(float(x) for x in self.pixel_std)
         checks = [
             (self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}"),
             (self.channels >= 1, f"channels must be >= 1, got {self.channels}"),
+            (self.dim >= 1, f"dim must be >= 1, got {self.dim}"),
+            (self.depth >= 0, f"depth must be >= 0, got {self.depth}"),
+            (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
             (
-                self.depth >= 0 and self.heads >= 1,
-                f"depth >= 0 and heads >= 1, got {self.depth}, {self.heads}",
+                self.heads < 1 or self.dim % self.heads == 0,
+                f"dim {self.dim} is not divisible by heads {self.heads}",
             ),
-            (self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
             (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
             (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
-            (self.posemb in POSEMB_KINDS, f"posemb must be one of {POSEMB_KINDS}, got {self.posemb!r}"),
+            (self.posemb in POSEMB_ALL, f"posemb must be one of {POSEMB_ALL}, got {self.posemb!r}"),
             (self.posemb_buckets >= 1 and self.max_grid >= 1, "posemb_buckets and max_grid must be >= 1"),
             (self.posemb_std >= 0, f"posemb_std must be >= 0, got {self.posemb_std}"),
             (
@@ -104,10 +113,37 @@ class NaViTConfig:
                 f"pixel_mean/pixel_std need {self.channels} values",
             ),
             (all(s > 0 for s in self.pixel_std), "pixel_std must be > 0"),
+            (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+    def _check_types(self) -> None:
+        """Each field holds its annotated type and floats are finite, else ValueError naming the
+        field: a YAML slip such as ``{dim: nan}`` (the string 'nan') must not reach the arithmetic."""
+        import numbers
+
+        def number(x: Any) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if kind == "bool":
+                ok, want = isinstance(v, bool), "true or false"
+            elif kind == "int":
+                ok, want = isinstance(v, numbers.Integral) and not isinstance(v, bool), "a whole number"
+            elif kind == "float":
+                ok, want = number(v), "a finite number"
+            elif kind == "str":
+                ok, want = isinstance(v, str), "a string"
+            elif kind.startswith("tuple"):
+                ok, want = isinstance(v, (list, tuple)) and all(map(number, v)), "a list of finite numbers"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"{f.name} must be {want} (got {v!r})")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> NaViTConfig:
@@ -155,6 +191,8 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "init": "trunc_normal",  # added in issue 11
     "posemb_std": 0.02,  # added in issue 11
     "pool": "attn",  # default changed to "mean" in issue 11
+    "grad_checkpoint": False,  # added in issue 19 (a memory knob: the function is the same)
+    "fc_norm": False,  # added in issue 18
 }
 
 
@@ -273,7 +311,9 @@ class AttentionPool(nn.Module):
 class NaViT(nn.Module):
     """``net(batch) -> NaViTOutput``; ``batch`` is the dict built by :func:`model.pack_images` or
     the trainer's loader (extra keys such as ``labels`` are ignored). ``patches`` may also be a
-    float tensor in the same 0..255 pixel scale (e.g. to take gradients with respect to pixels)."""
+    float tensor in the same 0..255 pixel scale (e.g. to take gradients with respect to pixels).
+    ``segment_ids_host`` (optional): the segment ids as a numpy array on the host, so the layout
+    needs no device→host copy (the trainer passes it on CUDA)."""
 
     def __init__(self, cfg: NaViTConfig) -> None:
         super().__init__()
@@ -284,9 +324,13 @@ class NaViT(nn.Module):
         self.register_buffer("pixel_inv_std", 1.0 / std, persistent=False)
         self.patch_norm = nn.LayerNorm(cfg.patch_dim, eps=cfg.norm_eps) if cfg.patch_norm else None
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
-        self.pos_embed = FactorizedPosEmb(
-            cfg.posemb, cfg.dim, cfg.posemb_buckets, cfg.max_grid, init_std=cfg.posemb_std
-        )
+        self.pos_embed: nn.Module
+        if cfg.posemb == "table2d":
+            self.pos_embed = TablePosEmb(cfg.dim, cfg.max_grid, init_std=cfg.posemb_std)
+        else:
+            self.pos_embed = FactorizedPosEmb(
+                cfg.posemb, cfg.dim, cfg.posemb_buckets, cfg.max_grid, init_std=cfg.posemb_std
+            )
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -297,15 +341,24 @@ class NaViT(nn.Module):
         if self.pool is not None:
             nn.init.normal_(self.pool.probe, std=0.02)
 
-    def layout(self, segment_ids: torch.Tensor) -> Layout:
-        """The per-forward token layout for the configured backend on this device."""
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> NaViT:
+        """The model of a ``navit export`` folder (config.json + model.safetensors), in eval mode;
+        plain torch + safetensors (model/pretrained.py). ``net.class_names``: the export's, or None."""
+        from model.pretrained import load_pretrained
+
+        return load_pretrained(path, device)
+
+    def layout(self, segment_ids: torch.Tensor, host: Any = None) -> Layout:
+        """The per-forward token layout for the configured backend on this device (``host``: the
+        same ids as a numpy array, which spares a device→host copy; see build_layout)."""
         backend = resolve_backend(self.cfg.attention, segment_ids.device)
-        return build_layout(segment_ids, backend, self.cfg.segment_buckets)
+        return build_layout(segment_ids, backend, self.cfg.segment_buckets, host=host)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> NaViTOutput:
         patches = batch["patches"]  # (B, L, P) uint8 or float pixels
         pos_hw, grid_hw = batch["pos_hw"], batch["grid_hw"]  # (B, L, 2)
-        lay = self.layout(batch["segment_ids"])
+        lay = self.layout(batch["segment_ids"], batch.get("segment_ids_host"))
         b, length = lay.batch, lay.seq_len
         if lay.packed:  # trunk on real tokens only: padding is never even read
             patches = patches.reshape(b * length, -1).index_select(0, lay.token_index)  # (T, P)
@@ -322,17 +375,27 @@ class NaViT(nn.Module):
         if self.patch_norm is not None:
             x = self.patch_norm(x)
         x = self.patch_embed(x) + self.pos_embed(pos_hw, grid_hw)  # (T, D) or (B, L, D)
+        recompute = self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x, lay, image_ids)
+            if recompute:
+                # Non-reentrant checkpoint: the block's activations are recomputed in the backward
+                # (with the same RNG state, so dropout / drop-path masks repeat): equal gradients.
+                x = torch.utils.checkpoint.checkpoint(blk, x, lay, image_ids, use_reentrant=False)
+            else:
+                x = blk(x, lay, image_ids)
         if not lay.packed:
             x = x.reshape(b * length, -1).index_select(0, lay.token_index)  # (T, D) real tokens
-        x = self.norm(x)
+        if not self.cfg.fc_norm:
+            x = self.norm(x)
         n = lay.num_images
         if self.pool is not None:
             emb = self.pool(x, lay.image_of_token, n)  # (N, D)
         else:
-            counts = torch.as_tensor(lay.lengths, device=x.device, dtype=x.dtype)[:, None]  # (N, 1)
+            # non-blocking: a blocking host→device copy waits for the GPU (a sync per forward)
+            counts = torch.from_numpy(lay.lengths).to(x.device, non_blocking=True).to(x.dtype)[:, None]
             emb = x.new_zeros(n, x.shape[-1]).index_add(0, lay.image_of_token, x) / counts
+        if self.cfg.fc_norm:
+            emb = self.norm(emb)
         logits = self.head(emb) if self.head is not None else None
         return NaViTOutput(emb, logits, lay.image_rows, lay.image_segments)
 

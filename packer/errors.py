@@ -11,3 +11,12 @@ class ConfigError(NavitError):
 
 class DataError(NavitError):
     """A data directory that is missing, corrupt, or of an unknown format version."""
+
+
+class Stopped(Exception):  # noqa: N818 - not an error: a run that stopped as asked
+    """A run stopped by a signal after doing what it could (e.g. saving a checkpoint). The CLI prints
+    the one-line message and exits with ``exit_code`` (128 + the signal number: 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

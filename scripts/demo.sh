@@ -48,9 +48,9 @@ $NAVIT stats "$OUT/pack" --json > "$OUT/stats.json"
 step "5/7 navit inspect: row 0 rebuilt from its patches"
 $NAVIT inspect "$OUT/pack" --row 0 --out "$OUT/row0.png"
 
-step "6/7 navit train: tiny NaViT (4 blocks, width 128) on CPU (configs/train_demo_cpu.yaml)"
+step "6/7 navit train: tiny NaViT (4 blocks, width 128) on CPU (configs/train_demo_cpu.yaml), held-out top-1 once per epoch"
 train_t0=$(date +%s)
-$NAVIT train --data "$OUT/pack" --out "$OUT/run" --config configs/train_demo_cpu.yaml \
+$NAVIT train --data "$OUT/pack" --out "$OUT/run" --config configs/train_demo_cpu.yaml --val "$OUT/heldout" \
   ${STEPS:+--steps "$STEPS" --checkpoint-every "$STEPS"}
 train_t1=$(date +%s)
 
@@ -87,6 +87,13 @@ print(f"same images squashed  {sq['top1']:.3f} at {sq['resolution'][2:]}x{sq['re
       "resize: tall/round/wide become ambiguous)")
 print(f"training              {summary['steps']} steps, {summary['images']} images, "
       f"{tr1 - tr0:.0f} s; final train loss {summary['final_loss']:.3f}")
+if summary.get("best_val_top1") is not None:
+    vals = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl")]
+    vals = [r for r in vals if r.get("event") == "val"]
+    print("held-out during train " + "  ".join(f"{r['val_top1']:.3f} @{r['step']}" for r in vals)
+          + "  (top-1 at native resolution, --val)")
+    print(f"best during training  {summary['best_val_top1']:.3f} at step {summary['best_step']} "
+          f"({summary['best_checkpoint']})")
 print(f"padding fraction      {stats['padding_fraction']:.4%}  ({stats['sequences']} sequences, "
       f"{n} images, {epochs} epochs)")
 print(f"pack throughput       {n / (p1 - p0):.1f} images/s (whole command, incl. Ray start-up)")
@@ -99,6 +106,6 @@ cat <<EOF
   packed shards $OUT/pack   (index.json, images.parquet, rejected.jsonl, shards/)
   stats         $OUT/stats.txt, $OUT/stats.json, plot $OUT/stats.png
   inspect       $OUT/row0.png
-  training run  $OUT/run    (checkpoints/, metrics.jsonl, summary.json)
+  training run  $OUT/run    (checkpoints/ with best/, metrics.jsonl with the held-out records, summary.json)
   eval          $OUT/eval.json, plot $OUT/eval.png
 EOF

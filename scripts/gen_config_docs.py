@@ -35,6 +35,8 @@ def _range(field) -> str:
             if v is not None:
                 bits.append(f"{sym} {v}")
     ann = field.annotation
+    if typing.get_origin(ann) is list and typing.get_args(ann):  # list of choices: list[Literal[...]]
+        ann = typing.get_args(ann)[0]
     if typing.get_origin(ann) is typing.Literal:
         bits.append(" \\| ".join(f"`{a}`" for a in typing.get_args(ann)))
     return ", ".join(bits)
@@ -54,7 +56,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             nested.append((f"{prefix}{name}.", ann))
             continue
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         if isinstance(default, tuple):
             default = list(default)
         desc = (field.description or "").replace("|", "\\|")
@@ -89,6 +91,31 @@ def render() -> str:
         "Every field can be set in a YAML file (`--config F`) and overridden with `--set dotted.key=value`;",
         "the common ones also have their own flags (`--seq-len`, `--resolution`, ...). An invalid value",
         "is reported as one line naming the field and its allowed range.",
+        "",
+        "## Precedence",
+        "",
+        "The same for every command that takes config (`plan`, `pack`, `serve`, `train`, live `train`):",
+        "",
+        "1. the defaults below;",
+        "2. the config file (`--config F`): one command's config at its top level, or a file with",
+        "   `pack:` and/or `train:` sections, each command reading its own (live `train` reads both;",
+        "   its `pack:` is optional). A file with sections holds nothing else: any other top-level key",
+        "   is refused, naming it;",
+        "3. `--set KEY=VALUE`, in order (VALUE is YAML: `--set packing.seq_len=512`,",
+        "   `--set model.overrides='{depth: 4}'`; a mapping is merged into the section there;",
+        "   `--set KEY=null` sets the field back to unset);",
+        "4. an explicit flag (`--seq-len 256` beats `--set packing.seq_len=512`). A flag not given never",
+        "   overrides anything.",
+        "",
+        "Refused, one line naming the key and exit code 2: an unknown field or section (`--set nope=1`,",
+        "`--set optimm.lr=5`), `--set` without a dotted KEY (`--set =5`), an invalid value (`--set",
+        "packing.seq_len=-1`, `--set packing.seq_len=` — every `--set` is validated, none is skipped), a",
+        "file that is not UTF-8 text, YAML nested deeper than 32 levels, a `model.overrides` value that",
+        "NaViTConfig refuses (wrong type — YAML reads `nan` as a string, write `.nan` — non-finite float,",
+        "`dim`/`heads` < 1, `depth` outside [1, 1024]), and settings that would be ignored: packing",
+        "settings for `train --data` (fixed when the pack was made: they apply to live `--images` only)",
+        "or for `serve` of a pack directory. `model.attention` `flex` or `varlen` is refused for training",
+        "on CPU (FlexAttention has no backward pass there, varlen needs CUDA): use `segment` or `auto`.",
         "",
     ]
     for title, target, prefix in MODELS:

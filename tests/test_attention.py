@@ -115,3 +115,17 @@ def test_gpu_backend_matches_reference_bf16(backend):
     else:
         got, want = (lay.attend(q, k, v) * (seg > 0)[..., None, None]).float(), ref
     assert torch.allclose(got, want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend", ["segment", "dense"])
+def test_layout_from_the_host_copy_equals_the_layout_from_the_device_tensor(backend):
+    # The trainer passes the batch's host copy of the segment ids (no device→host read on CUDA).
+    seg = random_segments(np.random.default_rng(3), rows=5, length=32)
+    a, b = build_layout(seg, backend, 4), build_layout(seg, backend, 4, host=seg.numpy())
+    for name in ("token_index", "image_of_token", "image_rows", "image_segments"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert np.array_equal(a.lengths, b.lengths)
+    q, k, v = (
+        (torch.randn(a.num_tokens, 2, 8) for _ in range(3)) if a.packed else (torch.randn(5, 32, 2, 8),) * 3
+    )
+    assert torch.equal(a.attend(q, k, v), b.attend(q, k, v))

@@ -57,9 +57,15 @@ class HostBatch:
     real_tokens: int
     tokens: int
 
-    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Copy to ``device``; non-blocking (overlaps compute) when the host memory is pinned."""
-        return {k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}
+    def to(self, device: torch.device, host_layout: bool = False) -> dict[str, Any]:
+        """Copy to ``device``; non-blocking (overlaps compute) when the host memory is pinned.
+
+        ``host_layout``: also pass the segment ids as a host numpy array (``segment_ids_host``), from
+        which the model builds its layout without reading the device copy back (a host sync)."""
+        out: dict[str, Any] = {k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}
+        if host_layout:
+            out["segment_ids_host"] = self.tensors["segment_ids"].numpy()
+        return out
 
 
 @dataclass

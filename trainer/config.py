@@ -8,12 +8,13 @@ Loaded from a YAML file (its top level, or its ``train`` section) plus dotted ov
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from packer.config import build_config, read_yaml
+from packer.config import build_config
 
 
 class _Section(BaseModel):
@@ -27,10 +28,26 @@ class ModelSection(_Section):
     num_classes: int | None = Field(
         None, ge=1, description="classifier width (default: 1 + the largest label in the data)"
     )
-    attention: str = Field("auto", description="attention backend: auto | dense | segment | flex | varlen")
+    attention: Literal["auto", "dense", "segment", "flex", "varlen"] = Field(
+        "auto",
+        description="attention backend (auto: flex on CUDA, segment elsewhere; flex and varlen train "
+        "only on CUDA)",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="any NaViTConfig field, e.g. {depth: 2, dim: 64}"
     )
+    grad_checkpoint: bool = Field(
+        False, description="recompute each block in the backward (activation checkpointing): less memory"
+    )
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_build(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if overrides and "preset" in info.data:  # (an invalid preset is reported on its own)
+            from trainer.model_checks import check_overrides
+
+            check_overrides(info.data["preset"], overrides)
+        return overrides
 
 
 class OptimSection(_Section):
@@ -102,7 +119,22 @@ class TrainConfig(_Section):
     checkpoint: CheckpointSection = CheckpointSection()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     compile: bool = Field(False, description="torch.compile the model")
-    log_every: int = Field(10, ge=1, description="steps between metric lines")
+    freeze: Literal["none", "trunk"] = Field(
+        "none", description="trunk = train only the classifier head (a linear probe on frozen embeddings)"
+    )
+    log_every: int = Field(10, ge=1, description="steps between metric lines (and host syncs)")
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="extra metric sinks besides console + metrics.jsonl (--log)"
+    )
+    eval_every: int = Field(
+        0, ge=0, description="steps between held-out evaluations with --val (0 = at the end only)"
+    )
+    eval_resolution: str = Field(
+        "native", description="--val image folder: longer side in px, 'native' or sqN (as navit eval)"
+    )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="EMA of the weights, evaluated and saved alongside (0 = off)"
+    )
 
     @model_validator(mode="after")
     def _warmup(self) -> TrainConfig:
@@ -110,6 +142,10 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be <= steps "
                 f"({self.schedule.steps})"
+            )
+        if not re.fullmatch(r"native|[1-9]\d*|sq[1-9]\d*", self.eval_resolution):
+            raise ValueError(
+                f"eval_resolution {self.eval_resolution!r}: give a positive integer, 'native' or sqN"
             )
         return self
 
@@ -127,6 +163,10 @@ RESUME_MUTABLE = {
     "compile",
     "log_every",
     "model.attention",
+    "model.grad_checkpoint",
+    "loggers",
+    "eval_every",
+    "eval_resolution",
 }
 
 
@@ -150,11 +190,13 @@ def incompatible_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in RESUME_MUTABLE and a.get(k) != b.get(k))
 
 
-def load_train_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from a YAML file (top level, or its ``train`` section) + dotted overrides.
+def load_train_config(
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """TrainConfig from a YAML file (top level, or its ``train:`` section), then ``sets`` (--set),
+    then dotted ``overrides`` (flags; None = not given).
 
     Raises ConfigError (one line) on any invalid value."""
-    section = None
-    if file is not None and "train" in read_yaml(file):
-        section = "train"
-    return build_config(TrainConfig, file, overrides, section=section)
+    return build_config(TrainConfig, file, overrides, section="train", sets=sets)

@@ -53,6 +53,13 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     return t.tolist()
 
 
+def all_reduce_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``t`` over ranks in place and return it, without reading it on the host (no sync)."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_gather_json(obj: Any, info: DistInfo) -> list[Any]:
     """One JSON-able object per rank, on every rank (used for data positions)."""
     if not info.enabled:

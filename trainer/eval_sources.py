@@ -6,6 +6,7 @@ Packer stages are imported inside the functions: the trainer never imports them 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,20 @@ def is_container_source(root: str | Path) -> bool:
     return bool(files) and all(p.suffix.lower() in (".tar", ".parquet") for p in files)
 
 
-def list_container_images(
-    root: str | Path, class_names: list[str] | None = None
-) -> tuple[list[str], list[int]]:
-    """(locators, labels) of every input; an input rejected while listing gets the locator '' (its
-    decode fails, so it is counted as skipped, never dropped silently). Class names recorded by the
-    source map to the checkpoint's class indices; integer labels are used as they are."""
+def iter_container_chunks(
+    root: str | Path,
+    class_names: list[str] | None = None,
+    chunk_images: int = 256,
+    rejected: list[dict[str, str]] | None = None,
+) -> Iterator[tuple[list[tuple[np.ndarray, int]], int]]:
+    """:func:`trainer.evaluate.iter_folder_chunks` for a container source: inputs listed as `navit
+    pack` lists them (an input rejected while listing keeps its reason: duplicate key, no image
+    member, truncated member…), Parquet rows read one row group at a time, tar members by offset.
+    Class names recorded by the source map to the checkpoint's class indices; integer labels are
+    used as they are."""
+    from packer import members
+    from packer.build import decode
+    from packer.config import DecodeConfig
     from packer.plan.sources import list_source
 
     listing = list_source(str(root))
@@ -44,33 +53,27 @@ def list_container_images(
                 f"{root}: classes {unknown[:3]} are not classes of this checkpoint {class_names[:6]}"
             )
         labels = [-1 if lab < 0 else class_names.index(listing.classes[lab]) for lab in labels]
-    rejected = {r.image_id for r in listing.rejected}
-    paths = ["" if i in rejected else p for i, p in enumerate(listing.paths)]
-    if not paths:
+    if not len(listing):
         raise NavitError(f"{root}: no images")
-    return paths, labels
-
-
-def decode_many(paths: list[str | Path]) -> list[np.ndarray | None]:
-    """Upright RGB (H, W, 3) uint8 per path with the packer's decoder, None when undecodable; Parquet
-    rows are read one row group at a time (packer.members.read_many)."""
-    from packer import members
-    from packer.build import decode
-    from packer.config import DecodeConfig
-
-    texts = [str(p) for p in paths]
-    prefetched = members.read_many(texts)
-    out: list[np.ndarray | None] = []
-    for p in texts:
-        try:
-            data = prefetched.get(p)
-            if isinstance(data, members.MemberError) or not p:
-                raise decode.DecodeError("unreadable")
-            img, _ = decode.decode_rgb(
-                data if data is not None else decode.read_bytes(p), None, DecodeConfig()
-            )
-        except decode.DecodeError:
-            out.append(None)
-            continue
-        out.append(np.asarray(img, dtype=np.uint8))
-    return out
+    listed_reason = {r.image_id: r.reason for r in listing.rejected}
+    for start in range(0, len(listing), chunk_images):
+        ids = range(start, min(start + chunk_images, len(listing)))
+        prefetched = members.read_many(listing.paths[i] for i in ids if i not in listed_reason)
+        good, bad = [], 0
+        for i in ids:
+            reason = listed_reason.get(i, "")
+            if not reason:
+                data = prefetched.get(listing.paths[i])
+                try:
+                    if isinstance(data, members.MemberError):
+                        raise decode.DecodeError(data.reason)
+                    raw = data if data is not None else decode.read_bytes(listing.paths[i])
+                    img, _ = decode.decode_rgb(raw, None, DecodeConfig())
+                    good.append((np.asarray(img, dtype=np.uint8), labels[i]))
+                    continue
+                except decode.DecodeError as e:
+                    reason = e.reason
+            bad += 1
+            if rejected is not None:
+                rejected.append({"path": members.describe(listing.paths[i]), "reason": reason})
+        yield good, bad

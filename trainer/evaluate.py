@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from packer import schema
 from packer.errors import NavitError
-from trainer.batch import Rows, collate_rows
+from trainer.batch import HostBatch, Rows, collate_rows
 
 # ----------------------------------------------------------------------------------------------------
 # numpy images → packed rows
@@ -157,15 +158,16 @@ def list_image_folder(root: str | Path, class_names: list[str] | None = None) ->
     return paths, labels
 
 
-def _decode(path: Path) -> np.ndarray | None:
-    """Upright RGB (H, W, 3) uint8 with the packer's decoder; None for an undecodable file."""
+def _decode(path: Path) -> np.ndarray | str:
+    """Upright RGB (H, W, 3) uint8 with the packer's decoder, or why it cannot be evaluated (the
+    packer's rejection reason: 'decompression bomb: ...', 'corrupt or truncated image: ...')."""
     from packer.build import decode
     from packer.config import DecodeConfig
 
     try:
         img, _ = decode.decode_rgb(decode.read_bytes(str(path)), None, DecodeConfig())
-    except decode.DecodeError:
-        return None
+    except decode.DecodeError as e:
+        return e.reason
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -189,20 +191,26 @@ class EvalResult:
     top1: float
     top5: float
     tokens_per_image: float
-    skipped: int = 0  # undecodable files (listed by path in `skipped_paths`)
+    skipped: int = 0  # files not evaluated (each in ``rejected``)
+    loss: float = math.nan  # mean cross-entropy per labelled image
+    rejected: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}, per file
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The numbers (the rejected files are the same at every resolution: listed once, apart)."""
+        return {k: v for k, v in self.__dict__.items() if k != "rejected"}
 
 
 class _Accumulator:
     def __init__(self) -> None:
         self.n = self.top1 = self.top5 = self.tokens = 0
+        self.loss = 0.0
+
+    def add(self, net: torch.nn.Module, rows: Rows, device: torch.device) -> None:
+        self.add_batch(net, collate_rows(rows), device)
 
     @torch.no_grad()
-    def add(self, net: torch.nn.Module, rows: Rows, device: torch.device) -> None:
-        hb = collate_rows(rows)
-        batch = hb.to(device)
+    def add_batch(self, net: torch.nn.Module, hb: HostBatch, device: torch.device) -> None:
+        batch = hb.to(device, host_layout=True)
         labels = batch.pop("labels")
         logits = net(batch).logits.float()  # (N, C)
         k = min(5, logits.shape[-1])
@@ -211,21 +219,42 @@ class _Accumulator:
         self.top1 += int(((top[:, 0] == labels) & ok).sum())
         self.top5 += int(((top == labels[:, None]).any(-1) & ok).sum())
         self.n += int(ok.sum())
+        self.loss += float(F.cross_entropy(logits[ok], labels[ok], reduction="sum"))
         self.tokens += hb.real_tokens
 
     def result(self, res: str, skipped: int = 0) -> EvalResult:
         n = max(self.n, 1)
-        return EvalResult(res, self.n, self.top1 / n, self.top5 / n, self.tokens / n, skipped)
+        loss = self.loss / self.n if self.n else math.nan
+        return EvalResult(res, self.n, self.top1 / n, self.top5 / n, self.tokens / n, skipped, loss)
 
 
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model of a checkpoint (or a run's newest one), in eval mode on ``device``, and its meta."""
+def load_model(
+    checkpoint: str | Path, device: torch.device, *, ema: bool = False, attention: str | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a checkpoint (or a run's newest one), in eval mode on ``device``, and its meta.
+    ``ema``: its EMA weights (``ema.safetensors``) instead; ``attention``: another backend."""
+    import dataclasses
+
     from model import NaViT, NaViTConfig
     from trainer.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
-    net = NaViT(NaViTConfig.from_dict(ck.meta["model_config"]))
-    net.load_state_dict(ck.weights)
+    mcfg = NaViTConfig.from_dict(ck.meta["model_config"])
+    if attention is not None:
+        from model.attention import resolve_backend
+
+        try:
+            mcfg = dataclasses.replace(mcfg, attention=attention)
+            resolve_backend(attention, torch.device(device))  # e.g. varlen without CUDA
+        except ValueError as e:
+            raise NavitError(f"model.attention: {e}") from None
+    net = NaViT(mcfg)
+    weights = ck.weights
+    if ema:
+        weights = ck.extra_weights("ema")
+        if weights is None:
+            raise NavitError(f"--ema: {ck.path} holds no EMA weights (trained without ema_decay)")
+    net.load_state_dict(weights)
     return net.to(device).eval(), {**ck.meta, "path": str(ck.path)}
 
 
@@ -263,6 +292,45 @@ def _batched(rows: Rows, batch_rows: int) -> Iterator[Rows]:
         )
 
 
+def iter_folder_chunks(
+    root: str | Path,
+    class_names: list[str] | None = None,
+    chunk_images: int = 256,
+    rejected: list[dict[str, str]] | None = None,
+) -> Iterator[tuple[list[tuple[np.ndarray, int]], int]]:
+    """An ImageFolder decoded ``chunk_images`` at a time: (decoded (image, label) pairs, number of
+    undecodable files) per chunk. ``rejected`` gets each undecodable file's {"path", "reason"}.
+    WebDataset tar shards and Parquet image files are read by trainer.eval_sources."""
+    from trainer.eval_sources import is_container_source, iter_container_chunks
+
+    if is_container_source(root):
+        yield from iter_container_chunks(root, class_names, chunk_images, rejected)
+        return
+    paths, labels = list_image_folder(root, class_names)
+    for start in range(0, len(paths), chunk_images):
+        sl = slice(start, start + chunk_images)
+        good, bad = [], 0
+        for p, lab in zip(paths[sl], labels[sl], strict=True):
+            img = _decode(p)
+            if isinstance(img, str):
+                bad += 1
+                if rejected is not None:
+                    rejected.append({"path": str(p), "reason": img})
+            else:
+                good.append((img, lab))
+        yield good, bad
+
+
+def rows_at(good: list[tuple[np.ndarray, int]], res: int | Square | None, patch: int, seq_len: int) -> Rows:
+    """Decoded images resized for one eval resolution and packed next-fit, in order."""
+    if isinstance(res, Square):
+        grids = [square_grid(res.side, patch, seq_len)] * len(good)
+    else:
+        grids = [target_grid(*img.shape[:2], res, patch, seq_len) for img, _ in good]
+    imgs = [_resize(img, *g, patch) for (img, _), g in zip(good, grids, strict=True)]
+    return packed_to_rows(pack_rows(imgs, [lab for _, lab in good], patch, seq_len))
+
+
 def evaluate_folder(
     net: torch.nn.Module,
     root: str | Path,
@@ -275,48 +343,59 @@ def evaluate_folder(
     batch_rows: int = 8,
     chunk_images: int = 256,
 ) -> list[EvalResult]:
-    """Accuracy on an ImageFolder at each resolution; images decoded once per chunk."""
-    from trainer.eval_sources import decode_many, is_container_source, list_container_images
-
-    containers = is_container_source(root)  # tar shards / Parquet files: read by offset / row group
-    paths, labels = (list_container_images if containers else list_image_folder)(root, class_names)
+    """Accuracy on an ImageFolder at each resolution; images decoded once per chunk. A file that
+    cannot be decoded is rejected with the packer's reason (each result's ``rejected``); NavitError
+    if none can be."""
     accs = [_Accumulator() for _ in resolutions]
-    skipped = 0
-    for start in range(0, len(paths), chunk_images):
-        chunk = paths[start : start + chunk_images]
-        images = decode_many(chunk) if containers else [_decode(p) for p in chunk]
-        decoded = list(zip(images, labels[start : start + chunk_images], strict=True))
-        skipped += sum(img is None for img, _ in decoded)
-        good = [(img, lab) for img, lab in decoded if img is not None]
+    rejected: list[dict[str, str]] = []
+    evaluable = 0
+    for good, _bad in iter_folder_chunks(root, class_names, chunk_images, rejected):
+        evaluable += len(good)
         for acc, res in zip(accs, resolutions, strict=True):
-            if isinstance(res, Square):
-                grids = [square_grid(res.side, patch, seq_len)] * len(good)
-            else:
-                grids = [target_grid(*img.shape[:2], res, patch, seq_len) for img, _ in good]
-            imgs = [_resize(img, *g, patch) for (img, _), g in zip(good, grids, strict=True)]
-            packed = packed_to_rows(pack_rows(imgs, [lab for _, lab in good], patch, seq_len))
-            for rows in _batched(packed, batch_rows):
-                acc.add(net, rows, device)
-    return [
-        acc.result("native" if r is None else str(r), skipped)
+            if good:
+                for rows in _batched(rows_at(good, res, patch, seq_len), batch_rows):
+                    acc.add(net, rows, device)
+    if not evaluable:
+        raise NavitError(
+            f"{root}: none of the {len(rejected)} images could be evaluated ({rejection_summary(rejected)})"
+        )
+    results = [
+        acc.result("native" if r is None else str(r), len(rejected))
         for acc, r in zip(accs, resolutions, strict=True)
     ]
+    for r in results:
+        r.rejected = rejected
+    return results
+
+
+def rejection_summary(rejected: list[dict[str, str]]) -> str:
+    """'2 corrupt or truncated image, 1 decompression bomb': counts by the reason's kind (the text
+    before its first colon), most frequent first."""
+    from collections import Counter
+
+    kinds = Counter(r["reason"].split(":", 1)[0] for r in rejected)
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def iter_pack_rows(data_dir: str, batch_rows: int, verify: bool = True) -> Iterator[Rows]:
+    """A pack directory's rows of pack epoch 0, as packed, ``batch_rows`` at a time (within a row group)."""
+    from trainer.shards import open_shard_set
+
+    shards = open_shard_set(data_dir, verify=verify)
+    for s, f in enumerate(shards.files):
+        if shards.shard_epoch[s] != 0:
+            continue
+        for table in schema.iter_row_groups(data_dir, f):
+            yield from _batched(Rows.from_arrow(table), batch_rows)
 
 
 def evaluate_shards(
     net: torch.nn.Module, data_dir: str, *, device: torch.device, batch_rows: int = 8
 ) -> list[EvalResult]:
     """Accuracy on a pack directory's rows as packed (pack epoch 0)."""
-    from trainer.shards import open_shard_set
-
-    shards = open_shard_set(data_dir, verify=True)
     acc = _Accumulator()
-    for s, f in enumerate(shards.files):
-        if shards.shard_epoch[s] != 0:
-            continue
-        for table in schema.iter_row_groups(data_dir, f):
-            for rows in _batched(Rows.from_arrow(table), batch_rows):
-                acc.add(net, rows, device)
+    for rows in iter_pack_rows(data_dir, batch_rows):
+        acc.add(net, rows, device)
     return [acc.result("pack")]
 
 

@@ -19,15 +19,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from packer.errors import ConfigError, NavitError
 from trainer import checkpoint as ckpt
 from trainer.batch import BatchSource, DataPosition, HostBatch
 from trainer.config import TrainConfig, incompatible_fields
-from trainer.distributed import all_gather_json, all_reduce_sum, barrier, init_distributed
+from trainer.distributed import all_gather_json, all_reduce_tensor, barrier, init_distributed
+from trainer.ema import ModelEMA
+from trainer.init_from import apply_freeze, prepare_init
+from trainer.loggers import open_sinks
+from trainer.memory import check_memory
 from trainer.metrics import MetricsLogger
 from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
+from trainer.model_checks import check_attention_device
+from trainer.optim import build_optimizer, grad_norm
+from trainer.pending import PendingSteps
+from trainer.resume import load_for_resume, set_aside_newer
+from trainer.rundir import atomic_write_text, check_run_dir
+from trainer.runguard import current as current_stop
+from trainer.runguard import guarded
+from trainer.signals import StopNow, stopped
+from trainer.validate import Validation
+
+_COUNTS = ("images", "real_tokens", "tokens")  # HostBatch counts summed per step
 
 
 @dataclass
@@ -44,6 +60,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per step of this invocation, in order
     start_step: int = 0
     checkpoint: str | None = None
+    best_val_top1: float | None = None  # with --val: the best held-out top-1 and its step
+    best_step: int | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,45 +72,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_lambda(cfg: TrainConfig) -> Any:
-    """Multiplier of the peak lr at step s: linear warmup to 1, then cosine to min_lr_ratio."""
-    steps, warm, floor = cfg.schedule.steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio
-
-    def f(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        t = min(1.0, (s - warm) / max(1, steps - warm))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return f
-
-
-RUN_MARKERS = (ckpt.CKPT_DIR, "metrics.jsonl")  # what makes a folder a navit run (train writes both)
-
-
-def check_run_dir(run: Path, resume: bool) -> None:
-    """Refuse, in one line, an ``--out`` that cannot be a run directory: a file, a path under a file,
-    or a non-empty folder that is not a navit run (its files are not ours to mix a run into)."""
-    if run.exists() and not run.is_dir():
-        raise NavitError(f"--out {run}: is a file, not a directory")
-    parent = next((p for p in run.parents if p.exists()), None)
-    if not run.exists() and parent is not None and not parent.is_dir():
-        raise NavitError(f"--out {run}: {parent} is a file, not a directory")
-    ours = run.is_dir() and any((run / m).exists() for m in RUN_MARKERS)
-    if run.is_dir() and not resume and not ours and any(run.iterdir()):
-        raise NavitError(
-            f"--out {run}: a non-empty folder that is not a navit run (no {ckpt.CKPT_DIR}/ or "
-            "metrics.jsonl); choose a new or empty folder"
-        )
-
-
 def build_model(
     cfg: TrainConfig, num_classes: int, patch_size: int, stored: dict[str, Any] | None = None
 ) -> tuple[torch.nn.Module, Any]:
     """NaViT from the preset + overrides; the patch size comes from the data. ``stored``: the
     ``model_config`` of the checkpoint being resumed, which wins over today's defaults (a run started
     before a default changed goes on with the model it started with); only the attention backend, a
-    runtime choice, comes from ``cfg``."""
+    runtime choice, and activation checkpointing, a memory knob, come from ``cfg``."""
     import dataclasses
 
     from model import NaViT, NaViTConfig
@@ -105,59 +91,15 @@ def build_model(
     overrides["patch_size"] = patch_size
     if cfg.model.attention != "auto":
         overrides["attention"] = cfg.model.attention
+    overrides["grad_checkpoint"] = cfg.model.grad_checkpoint or bool(overrides.get("grad_checkpoint"))
     try:
         mcfg = NaViTConfig.preset(cfg.model.preset, num_classes=num_classes, **overrides)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {str(e).splitlines()[0]}") from None
     if stored is not None:
-        mcfg = dataclasses.replace(NaViTConfig.from_dict(stored), attention=mcfg.attention)
+        runtime = {"attention": mcfg.attention, "grad_checkpoint": mcfg.grad_checkpoint}
+        mcfg = dataclasses.replace(NaViTConfig.from_dict(stored), **runtime)
     return NaViT(mcfg), mcfg
-
-
-def check_memory(
-    cfg: TrainConfig,
-    num_classes: int,
-    source: Any,
-    device: torch.device,
-    info: Any,
-) -> None:
-    """Refuse (one line, on every rank) a step whose memory floor (trainer/memory.py) exceeds what
-    this process has: before the model, the optimizer or any batch is allocated."""
-    from trainer import memory
-
-    with torch.device("meta"):  # shapes only: no memory, no RNG draws
-        shell, mcfg = build_model(cfg, num_classes, source.patch_size)
-    est = memory.estimate_step(
-        sum(p.numel() for p in shell.parameters()),
-        mcfg.depth,
-        mcfg.dim,
-        mcfg.patch_dim,
-        cfg.data.batch_size,
-        source.seq_len,
-        cfg.data.grad_accum,
-        act_bytes=2 if device.type == "cuda" else 4,
-    )
-    avail = memory.available_bytes(device)
-    short = avail is not None and est.total > avail
-    (flag,) = all_reduce_sum([float(short)], info, device)
-    if flag:
-        g = memory.gib
-        have = f"{g(avail)} is available" if short else "another process lacks it"
-        raise ConfigError(
-            f"--batch-size {cfg.data.batch_size} x seq_len {source.seq_len} needs at least {g(est.total)} "
-            f"per process on {device.type} (model+optimizer {g(est.params)}, activations "
-            f"{g(est.activations)}, batches {g(est.batches)}) but {have}: lower --batch-size "
-            "(--grad-accum keeps the step size)"
-        )
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # No decay on biases, norms, embeddings' 1-D params: the usual ViT recipe.
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _data_fingerprint(source: BatchSource) -> str:
@@ -165,29 +107,40 @@ def _data_fingerprint(source: BatchSource) -> str:
     return f"{ident} seq_len={source.seq_len} patch={source.patch_size}"
 
 
+@guarded(check_run_dir)  # --out lock, stale temp files, full disk, SIGTERM/SIGINT (trainer/runguard.py)
 def train(
     cfg: TrainConfig,
     source: BatchSource | Any,
     out: str | Path,
     *,
     resume: bool = False,
+    resume_from: str | None = None,
     stop_after: int | None = None,
     verbose: bool = True,
     class_names: list[str] | None = None,
+    val: str | None = None,
+    init_from: str | Path | None = None,
+    reset_head: bool = False,
 ) -> TrainResult:
     """Run (or resume) training into ``out``. ``source`` is a BatchSource for *this* rank, or a
     callable ``(DistInfo) -> BatchSource`` (built after the process group is up).
 
     ``stop_after``: stop after this global step as if interrupted (for tests and time-boxed jobs);
-    the schedule still targets ``cfg.schedule.steps``."""
+    the schedule still targets ``cfg.schedule.steps``. ``val``: a held-out pack or image folder,
+    evaluated every ``cfg.eval_every`` steps and at the end (trainer/validate.py).
+    ``init_from``/``reset_head``: start a new run from existing weights (trainer/init_from.py;
+    ignored on resume, the run has its own). ``resume_from``: the checkpoint to resume from (step-N,
+    N or previous; trainer/resume.py), default the newest."""
     run = Path(out)
-    check_run_dir(run, resume)
     device = resolve_device(cfg.device)
+    check_attention_device(cfg.model.attention, cfg.model.overrides.get("attention"), device.type)
     info = init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     if callable(source) and not hasattr(source, "batches"):
         source = source(info)
+    stop = current_stop()
+    stop.install()  # again: a library started by the source (Ray, in live mode) may have taken SIGTERM
     existing = ckpt.list_checkpoints(run)
     if existing and not resume:
         raise NavitError(f"{run} already holds checkpoints: pass --resume to continue, or another --out")
@@ -204,7 +157,7 @@ def train(
 
     state: ckpt.Checkpoint | None = None
     if resume:
-        state = ckpt.load_checkpoint(existing[-1])
+        state = load_for_resume(run, resume_from)  # verified; a damaged one names the previous one
         diff = incompatible_fields(state.meta["config"], cfg.model_dump(mode="json"))
         if diff:
             raise NavitError(
@@ -219,21 +172,21 @@ def train(
         if state.meta.get("data") != _data_fingerprint(source):
             raise NavitError(f"--resume: {run} was trained on {state.meta.get('data')!r}, not on this data")
         num_classes = int(state.meta["model_config"].get("num_classes", num_classes))
+        aside = set_aside_newer(run, state.path) if info.is_main else []
 
-    check_memory(cfg, num_classes, source, device, info)
+    init = prepare_init(init_from, cfg, source, reset_head) if init_from and state is None else None
+    num_classes = init.num_classes if init else num_classes
+    stored = state.meta["model_config"] if state is not None else (init.model_config if init else None)
+    check_memory(cfg, num_classes, source, device, info, build_model, stored)
     torch.manual_seed(cfg.seed)
-    stored = state.meta["model_config"] if state is not None else None
     model, mcfg = build_model(cfg, num_classes, source.patch_size, stored)
     if state is not None:
         model.load_state_dict(state.weights)
+    elif init is not None:
+        init.apply(model)
+    trainable = apply_freeze(model, cfg.freeze)
     model.to(device)
-    opt = torch.optim.AdamW(
-        _param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    opt, sched = build_optimizer(model, cfg)
     step = 0
     counters = {"images": 0, "real_tokens": 0, "tokens": 0}
     position = DataPosition()
@@ -246,6 +199,12 @@ def train(
         counters = dict(state.meta["counters"])
         position = DataPosition.from_dict(state.meta["data_positions"][info.rank])
 
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and state is not None:
+        ema_weights = state.extra_weights("ema")
+        if ema_weights is None:
+            raise NavitError(f"--resume: {state.path} holds no EMA weights (ema.safetensors)")
+        ema.load_state_dict(ema_weights)
     net: torch.nn.Module = model
     if cfg.compile:
         net = torch.compile(net)
@@ -256,18 +215,26 @@ def train(
     # Records of steps after the checkpoint we start from (logged before an interruption; a fresh
     # start in the folder of a run killed before its first checkpoint: all of them) are dropped.
     rewind = step
+    sinks = open_sinks(cfg.loggers, run, rewind, cfg.model_dump(mode="json")) if info.is_main else []
     log = MetricsLogger(
-        run, cfg.schedule.steps, cfg.log_every, enabled=info.is_main and verbose, resume_step=rewind
+        run,
+        cfg.schedule.steps,
+        cfg.log_every,
+        enabled=info.is_main,
+        resume_step=rewind,
+        console=verbose,
+        sinks=sinks,
     )
-    if not verbose and info.is_main:
-        log = MetricsLogger(
-            run, cfg.schedule.steps, cfg.log_every, enabled=True, stream=_NullStream(), resume_step=rewind
-        )
     n_params = sum(p.numel() for p in model.parameters())
+    for note in init.notes if init else []:
+        log.message(f"note: --init-from: {note}")
+    frozen = f", {trainable:,} trainable" if trainable < n_params else ""
     log.message(
-        f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params, {num_classes} classes) on "
+        f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params{frozen}, {num_classes} classes) on "
         f"{device}{f' x{info.world_size}' if info.enabled else ''}, {source.description}, "
-        f"{'resuming at step ' + str(step) if state else 'from scratch'}"
+        f"{'resuming at step ' + str(step) if state else f'from {init_from}' if init else 'from scratch'}"
+        f"{'' if state is None or state.verified else ' (its checkpoint predates digests: not verified)'}"
+        f"{'; set aside the newer checkpoints as ' + ', '.join(aside) if state and aside else ''}"
     )
     log.event({"event": "resume" if state else "start", "step": step, "config": cfg.model_dump(mode="json")})
 
@@ -279,9 +246,17 @@ def train(
         "seq_len": source.seq_len,
         "patch_size": source.patch_size,
         "class_names": class_names or getattr(source, "class_names", None),
+        "init_from": init.record() if init else (state.meta.get("init_from") if state else None),
     }
+    validation = None
+    if val is not None:
+        names = meta_static["class_names"]
+        validation = Validation(
+            val, cfg=cfg, source=source, num_classes=num_classes, class_names=names, run=run, resume=resume
+        )
+        log.message(validation.describe())
 
-    def save(at: int) -> Path | None:
+    def save(at: int, name: str | None = None, extra_meta: dict[str, Any] | None = None) -> Path | None:
         positions = all_gather_json(position.to_dict(), info)
         path = None
         if info.is_main:
@@ -291,33 +266,63 @@ def train(
                 "rng": ckpt.rng_state(),
             }
             meta = {**meta_static, "data_positions": positions, "counters": counters, "metrics": log.last}
-            path = ckpt.save_checkpoint(run, at, model, train_state, meta, keep=cfg.checkpoint.keep)
+            extra = {"ema": ema.module} if ema is not None else None
+            meta.update(extra_meta or {})
+            keep = cfg.checkpoint.keep
+            path = ckpt.save_checkpoint(run, at, model, train_state, meta, keep=keep, extra=extra, name=name)
             log.event({"event": "checkpoint", "step": at, "path": str(path)})
         barrier(info)
         return path
 
+    def sync() -> None:
+        """Read back the pending steps (one device→host copy): metrics, counters, non-finite stop."""
+        for r in pending.flush():
+            if not math.isfinite(r.loss) or not math.isfinite(r.grad_norm):
+                where = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was saved"
+                raise NavitError(f"loss is {r.loss} at step {r.step} (non-finite): stopping{where}")
+            counters["images"] += int(r.images)
+            counters["real_tokens"] += int(r.real_tokens)
+            counters["tokens"] += int(r.tokens)
+            losses.append(r.loss)
+            log.step(
+                r.step, r.loss, int(r.correct), int(r.labeled), int(r.images), int(r.real_tokens),
+                int(r.tokens), r.data_wait_s, r.lr, r.grad_norm,
+            )  # fmt: skip
+
     use_bf16 = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    host_layout = not cfg.compile  # the layout from the batch's host copy: no device→host read
     accum = cfg.data.grad_accum
     batches: Iterator[HostBatch] = iter(source.batches(position))
     t_start = time.perf_counter()
     start_step = step
     losses: list[float] = []
-    last_ckpt: Path | None = existing[-1] if existing else None
+    pending = PendingSteps()
+    last_ckpt: Path | None = state.path if state is not None else None
+    saved_at = step  # the step of the newest checkpoint (on every rank: they must agree to save)
     end = cfg.schedule.steps if stop_after is None else min(stop_after, cfg.schedule.steps)
-    loss_val, acc_val = math.nan, math.nan
     mix = MixParams(**cfg.mix.model_dump())
     net.train()
     try:
-        while step < end:
+        # Under DDP the ranks agree on a stop at the steps that sync anyway (every log_every steps).
+        while step < end and not stop.requested(info, device, collective=step % cfg.log_every == 0):
             # ---- data (timed: the data-wait fraction is this over the step's wall time) ----
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
-            on_dev = [hb.to(device) for hb in micro]
+            try:
+                with stop.waiting():  # a signal here stops at once: this batch is in no step yet
+                    micro = [next(batches) for _ in range(accum)]
+            except StopNow:
+                break
+            on_dev = [hb.to(device, host_layout=host_layout) for hb in micro]
             wait = time.perf_counter() - t0
-            labeled_local = sum(int((d["labels"] >= 0).sum()) for d in on_dev)
-            (labeled,) = all_reduce_sum([labeled_local], info, device)
-            scale = info.world_size / max(labeled, 1.0)
+            # Counts from the host copies: known without reading anything back from the device.
+            labeled_local = sum(int(np.count_nonzero(hb.tensors["labels"].numpy() >= 0)) for hb in micro)
+            counts = [labeled_local, *(sum(getattr(hb, k) for hb in micro) for k in _COUNTS)]
+            if info.enabled:  # global counts stay on the device (no host sync); scale = world / labeled
+                counts_dev = all_reduce_tensor(torch.tensor(counts, dtype=torch.float64).to(device), info)
+                scale: Any = (info.world_size / counts_dev[0].clamp(min=1.0)).float()
+            else:
+                scale = 1.0 / max(labeled_local, 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             for i, batch in enumerate(on_dev):
@@ -327,10 +332,10 @@ def train(
                     mixed = mix_batch(batch, labels, num_classes, mix, mix_rng(cfg.seed, step, i, info.rank))
                     if mixed is not None:
                         batch["patches"], targets = mixed.patches, mixed.targets
-                sync = contextlib.nullcontext()
+                no_sync = contextlib.nullcontext()
                 if info.enabled and i < accum - 1:
-                    sync = net.no_sync()  # all-reduce gradients once, on the last micro-batch
-                with sync:
+                    no_sync = net.no_sync()  # all-reduce gradients once, on the last micro-batch
+                with no_sync:
                     with autocast:
                         logits = net(batch).logits  # (N, C)
                     logits = logits.float()
@@ -341,63 +346,64 @@ def train(
             gnorm = (
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 if cfg.optim.grad_clip > 0
-                else _grad_norm(model)
+                else grad_norm(model)
             )
-            images = sum(hb.images for hb in micro)
-            real = sum(hb.real_tokens for hb in micro)
-            toks = sum(hb.tokens for hb in micro)
-            tot = all_reduce_sum([loss_sum.item(), float(correct.item()), images, real, toks], info, device)
-            loss_val = tot[0] / max(labeled, 1.0)
-            if not math.isfinite(loss_val) or not math.isfinite(float(gnorm)):
-                where = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was saved"
-                raise NavitError(f"loss is {loss_val} at step {step + 1} (non-finite): stopping{where}")
+            sums = torch.stack([loss_sum, correct.double()])
+            sums = torch.cat([all_reduce_tensor(sums, info), gnorm.detach().double().reshape(1)])
+            if info.enabled:
+                sums = torch.cat([sums, counts_dev])
+            # A non-finite loss is applied here and caught at the next sync, which precedes every
+            # checkpoint and evaluation, so no weights that saw it are ever saved or scored.
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema.update(model, step)
             position = micro[-1].position
-            counters["images"] += int(tot[2])
-            counters["real_tokens"] += int(tot[3])
-            counters["tokens"] += int(tot[4])
-            losses.append(loss_val)
-            acc_val = tot[1] / max(labeled, 1.0)
-            log.step(
-                step,
-                loss_val,
-                int(tot[1]),
-                int(labeled),
-                int(tot[2]),
-                int(tot[3]),
-                int(tot[4]),
-                wait,
-                sched.get_last_lr()[0],
-                float(gnorm),
-            )
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < end:
-                last_ckpt = save(step) or last_ckpt
-        if step > start_step and (not existing or step != int(existing[-1].name.split("-")[1])):
-            last_ckpt = save(step) or last_ckpt
+            pending.add(step, sums, None if info.enabled else counts, wait, sched.get_last_lr()[0])
+            ckpt_due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < end
+            eval_due = validation is not None and validation.due(step, end)
+            if ckpt_due or eval_due or step % cfg.log_every == 0 or step == end:
+                sync()
+            if eval_due:
+                ema_module = ema.module if ema is not None else None
+                validation.run(step, model, ema_module, device, log, lambda at, m: save(at, ckpt.BEST, m))
+            if ckpt_due:
+                last_ckpt, saved_at = save(step) or last_ckpt, step
+        sync()
+        if step > saved_at:  # the end, a stop_after, or SIGTERM/SIGINT
+            last_ckpt, saved_at = save(step) or last_ckpt, step
     finally:
         with contextlib.suppress(Exception):
             batches.close()  # type: ignore[attr-defined]
+    if stop.signum is not None:  # SIGTERM/SIGINT: the checkpoint of this step is saved; say so
+        log.close()
+        saved = run / ckpt.CKPT_DIR / f"step-{step:08d}" if step > start_step else None
+        raise stopped(stop.signum, step, saved, last_ckpt)
 
     wall = time.perf_counter() - t_start
     final = log.last or {}
+    best = validation.best if validation is not None and validation.best.step is not None else None
     result = TrainResult(
         steps=step,
         images=counters["images"],
         real_tokens=counters["real_tokens"],
         tokens=counters["tokens"],
         wall_s=wall,
-        final_loss=float(final.get("loss", loss_val)),
-        final_acc=float(final.get("acc", acc_val)),
+        final_loss=float(final.get("loss", losses[-1] if losses else math.nan)),
+        final_acc=float(final.get("acc", math.nan)),
         losses=losses,
         start_step=start_step,
         checkpoint=str(last_ckpt) if last_ckpt else None,
+        best_val_top1=best.top1 if best is not None else None,
+        best_step=best.step if best is not None else None,
     )
     if info.is_main:
         summary = {k: v for k, v in asdict(result).items() if k != "losses"}
-        (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if best is not None:
+            summary["best_checkpoint"] = str(run / ckpt.CKPT_DIR / ckpt.BEST)
+        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
         log.event({"event": "summary", **summary})
         pad = 1 - result.real_tokens / result.tokens if result.tokens else 0.0
         log.message(
@@ -405,21 +411,9 @@ def train(
             f"({pad:.1%} padding), {wall:.1f} s; final loss {result.final_loss:.4f}, "
             f"train accuracy {result.final_acc:.3f}; checkpoint {result.checkpoint}"
         )
+        if best is not None:
+            log.message(
+                f"best held-out top-1 {best.top1:.4f} at step {best.step}: {summary['best_checkpoint']}"
+            )
     log.close()
     return result
-
-
-def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
-class _NullStream:
-    def write(self, s: str) -> int:
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False

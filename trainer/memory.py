@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,12 +49,14 @@ def estimate_step(
     seq_len: int,
     grad_accum: int,
     act_bytes: int = 4,
+    grad_checkpoint: bool = False,
 ) -> StepMemory:
     """The floor described in the module docstring."""
     tokens = batch_size * seq_len
     # Per token on the host: patches (uint8) + segment id, 2 positions, 2 grid sides (int32).
     host = tokens * (patch_dim + 5 * 4) * (grad_accum + 2)
-    return StepMemory(n_params * PARAM_BYTES, tokens * depth * dim * ACT_FLOATS * act_bytes, host)
+    floats = depth + ACT_FLOATS if grad_checkpoint else depth * ACT_FLOATS  # per token and channel
+    return StepMemory(n_params * PARAM_BYTES, tokens * dim * floats * act_bytes, host)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -63,20 +66,20 @@ def available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    limits = [x for x in (_meminfo_available(), _cgroup_available()) if x is not None]
+    limits = [x for x in (_system_available(), _cgroup_available()) if x is not None]
     if not limits:
         return None
     return min(limits) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def _meminfo_available() -> int | None:
+def _system_available() -> int | None:
+    """The kernel's estimate of memory available without swapping (MemAvailable), via psutil."""
+    import psutil
+
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, AttributeError):
+        return None
 
 
 def _cgroup_available() -> int | None:
@@ -88,6 +91,47 @@ def _cgroup_available() -> int | None:
         return max(0, int(limit) - int((root / "memory.current").read_text().strip()))
     except (OSError, ValueError):
         return None
+
+
+def check_memory(
+    cfg: Any,
+    num_classes: int,
+    source: Any,
+    device: torch.device,
+    info: Any,
+    build_model: Any,
+    stored: dict[str, Any] | None = None,
+) -> None:
+    """Refuse (one line, on every rank) a step whose memory floor exceeds what this process has:
+    before the model, the optimizer or any batch is allocated. ``build_model``: trainer.loop's;
+    ``stored``: the model config it is given (a resumed run's, or --init-from's)."""
+    from packer.errors import ConfigError
+    from trainer.distributed import all_reduce_sum
+
+    with torch.device("meta"):  # shapes only: no memory, no RNG draws
+        shell, mcfg = build_model(cfg, num_classes, source.patch_size, stored)
+    est = estimate_step(
+        sum(p.numel() for p in shell.parameters()),
+        mcfg.depth,
+        mcfg.dim,
+        mcfg.patch_dim,
+        cfg.data.batch_size,
+        source.seq_len,
+        cfg.data.grad_accum,
+        act_bytes=2 if device.type == "cuda" else 4,
+        grad_checkpoint=mcfg.grad_checkpoint,
+    )
+    avail = available_bytes(device)
+    short = avail is not None and est.total > avail
+    (flag,) = all_reduce_sum([float(short)], info, device)
+    if flag:
+        have = f"{gib(avail)} is available" if short else "another process lacks it"
+        raise ConfigError(
+            f"--batch-size {cfg.data.batch_size} x seq_len {source.seq_len} needs at least "
+            f"{gib(est.total)} per process on {device.type} (model+optimizer {gib(est.params)}, "
+            f"activations {gib(est.activations)}, batches {gib(est.batches)}) but {have}: lower "
+            "--batch-size (--grad-accum keeps the step size)"
+        )
 
 
 def gib(n: int) -> str:

@@ -1,5 +1,5 @@
-"""Training metrics: a progress line on the terminal, ``RUN/metrics.jsonl``, and TensorBoard events
-when the ``tensorboard`` package is installed.
+"""Training metrics: a line on the console, ``RUN/metrics.jsonl``, and the optional sinks of
+``--log`` (TensorBoard, W&B: trainer/loggers.py). On a terminal a rich progress bar runs under the lines.
 
 The loop reports per-step counts; this module turns them into rates over the logging window: loss,
 accuracy, images/s, tokens/s (real tokens), padding fraction seen and the data-wait fraction (time
@@ -34,7 +34,10 @@ class Window:
 
 
 class MetricsLogger:
-    """Aggregates steps and writes one record every ``log_every`` steps (rank 0 only writes)."""
+    """Aggregates steps and writes one record every ``log_every`` steps (rank 0 only writes).
+
+    ``console``: print the lines (off: metrics.jsonl and the sinks only); ``sinks``: objects with
+    ``log(record)`` and ``close()`` (trainer/loggers.py) that get every record."""
 
     def __init__(
         self,
@@ -44,31 +47,44 @@ class MetricsLogger:
         enabled: bool = True,
         stream: TextIO | None = None,
         resume_step: int | None = None,
+        console: bool = True,
+        sinks: list[Any] | None = None,
     ) -> None:
         """``resume_step``: the step the run starts from (its checkpoint's, or 0 for a fresh start in
         an existing run folder); records of later steps (written before an interruption, and about
         to be written again) are dropped first."""
         self.total, self.log_every, self.enabled = total_steps, log_every, enabled
         self.stream = stream or sys.stderr
-        self.tty = self.enabled and self.stream.isatty()
+        self.console = enabled and console
         self.window = Window()
         self.jsonl = None
-        self.tb = None
+        self.sinks: list[Any] = list(sinks or []) if enabled else []
         self.last: dict[str, Any] = {}
+        self._bar: Any = None
         if enabled and run_dir is not None:
             run = Path(run_dir)
             run.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
                 rewind_metrics(run, resume_step)
             self.jsonl = open(run / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if self.console and self.stream.isatty():
+            self._start_bar(resume_step or 0)
 
-                # purge_step hides the events of steps after the checkpoint, as rewind_metrics does.
-                purge = None if resume_step is None else resume_step + 1
-                self.tb = SummaryWriter(str(run / "tb"), purge_step=purge)
-            except ImportError:  # tensorboard is optional
-                self.tb = None
+    def _start_bar(self, done: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps  ETA"),
+            TimeRemainingColumn(),
+            console=Console(file=self.stream),
+            transient=True,
+        )
+        self._task = self._bar.add_task("train", total=self.total, completed=done)
+        self._bar.start()
 
     def step(
         self,
@@ -113,30 +129,28 @@ class MetricsLogger:
         self.last = rec
         self.window = Window()
         if self.enabled:
-            self._emit(rec)
+            self._write(rec)
+            self.message(
+                f"step {rec['step']:>6}/{self.total}  loss {rec['loss']:.4f}  acc {rec['acc']:.3f}  "
+                f"lr {rec['lr']:.2e}  {rec['images_per_s']:.1f} img/s  {rec['tokens_per_s']:.0f} tok/s  "
+                f"pad {rec['padding_fraction']:.1%}  data-wait {rec['data_wait_fraction']:.1%}"
+            )
+            if self._bar is not None:
+                self._bar.update(self._task, completed=step)
         return rec
 
-    def _emit(self, rec: dict[str, Any]) -> None:
+    def record(self, rec: dict[str, Any], line: str | None = None) -> None:
+        """Another record with a ``step`` (a held-out evaluation): metrics.jsonl, the sinks, a line."""
+        if self.enabled:
+            self._write(rec)
+            if line is not None:
+                self.message(line)
+
+    def _write(self, rec: dict[str, Any]) -> None:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k not in ("step", "time", "window_steps") and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
-        line = (
-            f"step {rec['step']:>6}/{self.total}  loss {rec['loss']:.4f}  acc {rec['acc']:.3f}  "
-            f"lr {rec['lr']:.2e}  {rec['images_per_s']:.1f} img/s  {rec['tokens_per_s']:.0f} tok/s  "
-            f"pad {rec['padding_fraction']:.1%}  data-wait {rec['data_wait_fraction']:.1%}"
-        )
-        if self.tty:
-            bar_w = 20
-            filled = int(bar_w * rec["step"] / max(self.total, 1))
-            self.stream.write("\r[" + "#" * filled + "." * (bar_w - filled) + "] " + line + "\x1b[K")
-            if rec["step"] >= self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        for sink in self.sinks:
+            sink.log(rec)
 
     def event(self, record: dict[str, Any]) -> None:
         """A non-step record (start, resume, checkpoint, summary) in metrics.jsonl."""
@@ -144,19 +158,24 @@ class MetricsLogger:
             self.jsonl.write(json.dumps(record) + "\n")
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            if self.tty:
-                self.stream.write("\r\x1b[K")
+        if not self.console:
+            return
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
             self.stream.write(text + "\n")
             self.stream.flush()
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def rewind_metrics(run_dir: str | Path, step: int) -> int:
@@ -183,9 +202,13 @@ def rewind_metrics(run_dir: str | Path, step: int) -> int:
         keep.append(line)
     if dropped:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave the old file, and no temp file
+            raise
     return dropped

@@ -181,10 +181,18 @@ class ShardSetSource:
             if first >= hi:
                 break
 
+    def data_id(self) -> str:
+        """The pack's identity, wherever it lives: its shards' digests. The same value as
+        trainer.shards.ShardSource.fingerprint (tests/test_serve_reliability.py checks they agree),
+        so ``navit train --resume`` accepts a run begun on the pack itself or from any server of it."""
+        digests = "".join(e["sha256"] for e in self.index["shards"])
+        return f"pack:{schema.sha256_bytes(digests.encode())[:16]}"
+
     def describe(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
             "data": self.data_dir,
+            "data_id": self.data_id(),
             "epochs": self.epochs(),
             "rows_per_epoch": {str(e): self.epoch_rows(e) for e in self.epochs()},
             "seq_len": self.index["seq_len"],
@@ -270,10 +278,17 @@ class LiveSource:
         for batch in batches:
             yield pa.RecordBatch.from_arrays(batch.columns, schema=self.schema)
 
+    def data_id(self) -> str:
+        """What this server's rows are a function of: the source and the resolved config (seed
+        included); ``navit train --resume`` over Flight compares it, not the server's address."""
+        blob = f"{self.source}\n{self.config.fingerprint()}".encode()
+        return f"live:{schema.sha256_bytes(blob)[:16]}"
+
     def describe(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
             "source": self.source,
+            "data_id": self.data_id(),
             "epochs": None,
             "seq_len": self.config.packing.seq_len,
             "patch_size": self.config.packing.patch_size,

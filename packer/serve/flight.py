@@ -6,18 +6,22 @@
 - Backpressure: the stream is a :class:`pyarrow.flight.GeneratorStream`; Flight pulls the next
   record batch only after gRPC accepted the previous one, and gRPC's per-stream flow-control window
   stops accepting when the client does not read. A slow client therefore holds the server at about
-  one row group plus the transport window per stream, never the epoch.
+  two row groups per stream, never the epoch. Streams are capped (``max_streams``, refused with
+  ``busy``) and a stream whose client stopped reading is cancelled after ``idle_timeout_s``
+  (packer/serve/streams.py, which also stops the server without waiting for such clients).
 - Auth: with a token, a server middleware checks ``authorization: Bearer <token>`` on every call
   (constant-time compare) and refuses the call otherwise. Without a token the server only binds to
   loopback; :func:`make_server` refuses any other interface.
-- Actions: ``status`` (streams in progress, rows and bytes served, clients), ``info`` (mode, epochs,
-  geometry), ``epoch`` (rows of an epoch and per rank, body ``{"epoch", "world_size"}``).
+- Actions: ``status`` (streams and their state, clients, counters: packer/serve/status.py), ``info``
+  (mode, data_id, epochs, geometry), ``epoch`` (rows of an epoch and per rank, body
+  ``{"epoch", "world_size"}``). Other RPCs are refused in one line (``unsupported``).
 
 Errors reach the client as ``FlightServerError`` whose ``extra_info`` names the kind (``bad_ticket``,
-``data``, ``internal``); :mod:`trainer.flight_client` turns them into one-line messages. Tickets and
-action bodies are at most MAX_REQUEST_BYTES of JSON with integer fields only (no bools, floats or
-strings; 64-bit range), ``world_size`` at most MAX_WORLD_SIZE. An unexpected exception is logged
-with its traceback on the server (logger ``navit.serve``) and reaches the client as one line,
+``data``, ``internal``, ``busy``, ``unsupported``); :mod:`trainer.flight_client` turns them into
+one-line messages. Tickets and action bodies are at most MAX_REQUEST_BYTES of JSON with integer
+fields only (no bools, floats or strings; 64-bit range), ``world_size`` at most MAX_WORLD_SIZE.
+An unexpected exception is logged with its traceback on the server (logger ``navit.serve``) and
+reaches the client as one line,
 ``navit serve: internal error in … (details in the server log)``, never as a Python traceback.
 """
 
@@ -29,10 +33,9 @@ import ipaddress
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -40,6 +43,8 @@ import pyarrow.flight as fl
 
 from packer.errors import ConfigError, NavitError
 from packer.serve.epochs import EpochSource, rank_range
+from packer.serve.status import Refused, ServeState
+from packer.serve.streams import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_STREAMS, IdleWatchdog, stop_server
 
 log = logging.getLogger("navit.serve")
 
@@ -125,91 +130,6 @@ def parse_ticket(raw: bytes) -> Ticket:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Status bookkeeping
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Stream:
-    peer: str
-    ticket: Ticket
-    rows_total: int  # rows this stream will send if drained
-    started: float = field(default_factory=time.time)
-    rows_sent: int = 0
-    bytes_sent: int = 0
-
-
-class ServeState:
-    """Thread-safe counters behind the ``status`` action (Flight serves each call on its own thread)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._next_id = 0
-        self.active: dict[int, _Stream] = {}
-        self.rows_served = 0
-        self.bytes_served = 0
-        self.streams_completed = 0
-        self.streams_aborted = 0
-        self.peers_seen: set[str] = set()
-        self.started = time.time()
-
-    def open(self, peer: str, ticket: Ticket, rows_total: int) -> int:
-        with self._lock:
-            sid = self._next_id
-            self._next_id += 1
-            self.active[sid] = _Stream(peer, ticket, rows_total)
-            self.peers_seen.add(_host(peer))
-            return sid
-
-    def sent(self, sid: int, rows: int, nbytes: int) -> None:
-        with self._lock:
-            s = self.active[sid]
-            s.rows_sent += rows
-            s.bytes_sent += nbytes
-            self.rows_served += rows
-            self.bytes_served += nbytes
-
-    def close(self, sid: int) -> _Stream:
-        with self._lock:
-            s = self.active.pop(sid)
-            if s.rows_sent == s.rows_total:
-                self.streams_completed += 1
-            else:
-                self.streams_aborted += 1
-            return s
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            streams = [
-                {
-                    "id": sid,
-                    "peer": s.peer,
-                    **s.ticket.__dict__,
-                    "rows_total": s.rows_total,
-                    "rows_sent": s.rows_sent,
-                    "bytes_sent": s.bytes_sent,
-                    "seconds": round(time.time() - s.started, 3),
-                }
-                for sid, s in sorted(self.active.items())
-            ]
-            return {
-                "uptime_s": round(time.time() - self.started, 3),
-                "streams_in_progress": streams,
-                "clients_connected": len({_host(s["peer"]) for s in streams}),
-                "clients_seen": len(self.peers_seen),
-                "rows_served": self.rows_served,
-                "bytes_served": self.bytes_served,
-                "streams_completed": self.streams_completed,
-                "streams_aborted": self.streams_aborted,
-            }
-
-
-def _host(peer: str) -> str:
-    """'ipv4:127.0.0.1:5312' → 'ipv4:127.0.0.1' (a client's connections share its address)."""
-    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
-
-
-# ----------------------------------------------------------------------------------------------------
 # Auth
 # ----------------------------------------------------------------------------------------------------
 
@@ -233,6 +153,37 @@ class _TokenMiddlewareFactory(fl.ServerMiddlewareFactory):
         return None
 
 
+_SUPPORTED = {fl.FlightMethod.DO_GET, fl.FlightMethod.DO_ACTION, fl.FlightMethod.LIST_ACTIONS}
+
+
+class _CallsFactory(fl.ServerMiddlewareFactory):
+    """Answers the RPCs navit does not offer (list_flights, get_flight_info, get_schema, do_put,
+    do_exchange, ...) with one line before any handler runs: pyarrow's default handlers, and any
+    exception raised in its get_schema, reach the client with a Python traceback. Every other
+    call gets a :class:`_CallEnd`."""
+
+    def start_call(self, info: fl.CallInfo, headers: dict[str, list[str]]) -> _CallEnd:
+        if info.method not in _SUPPORTED:
+            rpc = str(info.method).rsplit(".", 1)[-1].lower()
+            raise fl.FlightServerError(
+                f"navit serve: {rpc} is not supported "
+                "(streams: do_get with a ticket; actions: status, info, epoch)",
+                extra_info=b"unsupported",
+            )
+        return _CallEnd()
+
+
+class _CallEnd(fl.ServerMiddleware):
+    """Runs ``on_end`` when the call is over, however it ended: a stream whose generator never
+    started (the client left before its first batch) has no ``finally`` to free its slot."""
+
+    on_end: Any = None
+
+    def call_completed(self, exception: BaseException | None) -> None:
+        if self.on_end is not None:
+            self.on_end()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The server
 # ----------------------------------------------------------------------------------------------------
@@ -248,12 +199,28 @@ class NavitFlightServer(fl.FlightServerBase):
         token: str | None = None,
         tls_cert_chain: bytes | None = None,
         tls_private_key: bytes | None = None,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
-        middleware = {"auth": _TokenMiddlewareFactory(token)} if token else None
+        middleware: dict[str, fl.ServerMiddlewareFactory] = {"calls": _CallsFactory()}
+        if token:
+            middleware["auth"] = _TokenMiddlewareFactory(token)
         tls = [fl.CertKeyPair(tls_cert_chain, tls_private_key)] if tls_cert_chain else None
         super().__init__(location, tls_certificates=tls, middleware=middleware)
         self.source = source
-        self.state = ServeState()
+        self.state = ServeState(max_streams=max_streams, idle_timeout_s=idle_timeout_s)
+        self._watchdog = IdleWatchdog(self.state, self.port).start()
+
+    def shutdown(self) -> None:
+        """pyarrow's shutdown (waits for every call to end); see :meth:`stop` for a bounded one."""
+        self._watchdog.stop()
+        super().shutdown()
+
+    def stop(self, grace_s: float | None = None) -> tuple[int, bool]:
+        """Cancel every stream and shut down within ``grace_s``: (streams cancelled, finished).
+        Unlike ``shutdown()``, a client that stopped reading cannot hold it up."""
+        self._watchdog.stop()
+        return stop_server(self, grace_s) if grace_s is not None else stop_server(self)
 
     # -- streams ------------------------------------------------------------------------------------
 
@@ -272,7 +239,16 @@ class NavitFlightServer(fl.FlightServerBase):
         except Exception as e:
             raise _internal_error("do_get", e) from None
         peer = context.peer()
-        sid = self.state.open(peer, t, hi - lo - t.start_row)
+        try:
+            sid = self.state.open(peer, dict(t.__dict__), hi - lo - t.start_row)
+        except Refused as e:
+            if self.state.stopping:  # transient for the client: it retries, maybe a restarted server
+                raise fl.FlightUnavailableError(str(e)) from None
+            log.info("refused a stream from %s: %s", peer, e)
+            raise fl.FlightServerError(str(e), extra_info=b"busy") from None
+        call_end = context.get_middleware("calls")
+        if call_end is not None:
+            call_end.on_end = lambda: self.state.discard(sid)
         log.info(
             "stream %d: %s epoch %d rank %d/%d rows %d..%d",
             sid, peer, t.epoch, t.rank, t.world_size, lo + t.start_row, hi,
@@ -280,27 +256,31 @@ class NavitFlightServer(fl.FlightServerBase):
         return fl.GeneratorStream(self.source.schema, self._generate(sid, t.epoch, lo + t.start_row, hi))
 
     def _generate(self, sid: int, epoch: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
-        # Runs lazily on Flight's thread; the finally clause runs when the stream ends, fails or the
-        # client goes away (Flight drops the generator).
+        # Runs lazily on Flight's thread, one batch per pull: Flight pulls the next batch only once
+        # gRPC took the previous one (flow control), which is how the status tells a stalled client
+        # from a busy server. The finally clause runs when the stream ends, fails, is cancelled
+        # (packer/serve/streams.py) or the client goes away (Flight drops the generator).
         try:
             for batch in self.source.stream(epoch, lo, hi):
+                if self.state.stopping:  # transient for the client: it retries (a restarted server)
+                    raise fl.FlightUnavailableError("navit serve is shutting down")
+                self.state.handed_over(sid)
                 yield batch
-                self.state.sent(sid, batch.num_rows, batch.nbytes)
+                self.state.accepted(sid, batch.num_rows, batch.nbytes)
+        except fl.FlightError:
+            raise
         except NavitError as e:
             raise _flight_error(e) from None
         except Exception as e:
             raise _internal_error(f"stream {sid}", e) from None
         finally:
             s = self.state.close(sid)
-            log.info(
-                "stream %d %s: %d/%d rows, %.1f MB in %.2f s",
-                sid,
-                "done" if s.rows_sent == s.rows_total else "ended early",
-                s.rows_sent,
-                s.rows_total,
-                s.bytes_sent / 1e6,
-                time.time() - s.started,
-            )
+            if s is not None:
+                how = "done" if s.rows_sent == s.rows_total else "timed out" if s.timed_out else "ended early"
+                log.info(
+                    "stream %d %s: %d/%d rows, %.1f MB in %.2f s",
+                    sid, how, s.rows_sent, s.rows_total, s.bytes_sent / 1e6, time.monotonic() - s.started,
+                )  # fmt: skip
 
     # -- actions ------------------------------------------------------------------------------------
 
@@ -366,10 +346,16 @@ def is_loopback(host: str) -> bool:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """A clear error before gRPC's own (which only says the server 'did not start properly')."""
+    """A clear error before gRPC's own (which only says the server 'did not start properly').
+
+    SO_REUSEADDR, as gRPC itself binds: connections of a server that just died (kill -9) linger in
+    TIME_WAIT for up to a minute and must not block its restart, while a socket that really
+    listens there still makes the bind fail (gRPC also sets SO_REUSEPORT, under which two servers
+    could share a port: this check, without it, is what refuses the second)."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     bind_host = "127.0.0.1" if host == "localhost" else host.strip("[]")
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((bind_host, port))
         except OSError as e:
@@ -387,6 +373,8 @@ def make_server(
     token: str | None = None,
     tls_cert: bytes | None = None,
     tls_key: bytes | None = None,
+    max_streams: int = DEFAULT_MAX_STREAMS,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
 ) -> NavitFlightServer:
     """Bind a server (it accepts calls from now on; ``serve()`` only blocks). Refuses a non-loopback
     interface without a token, and says so when the port is taken."""
@@ -399,12 +387,18 @@ def make_server(
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {port}")
+    if max_streams < 0:
+        raise ConfigError(f"--max-streams must be >= 0 (0 = no cap), got {max_streams}")
+    if not (idle_timeout_s >= 0 and idle_timeout_s < float("inf")):
+        raise ConfigError(f"--idle-timeout must be >= 0 seconds (0 = never), got {idle_timeout_s}")
     if port:
         _check_port_free(host, port)
     scheme = "grpc+tls" if tls_cert else "grpc+tcp"
     h = f"[{host}]" if ":" in host and not host.startswith("[") else host
     try:
-        return NavitFlightServer(source, f"{scheme}://{h}:{port}", token, tls_cert, tls_key)
+        return NavitFlightServer(
+            source, f"{scheme}://{h}:{port}", token, tls_cert, tls_key, max_streams, idle_timeout_s
+        )
     except pa.ArrowException as e:
         msg = str(e).splitlines()[0]
         if tls_cert:
