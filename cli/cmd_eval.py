@@ -14,7 +14,11 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
         source: Annotated[
-            str, typer.Argument(help="labeled image folder (ROOT/<class>/...) or pack directory")
+            str,
+            typer.Argument(
+                help="labeled image folder (ROOT/<class>/...), WebDataset .tar shards or Parquet image "
+                "files (a file, a pattern or a folder of them), or pack directory"
+            ),
         ],
         checkpoint: Annotated[
             Path, typer.Option("--checkpoint", help="checkpoint directory, or a run directory (newest)")
@@ -61,7 +65,13 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device)
         attention = _attention_from_sets(sets)
         net, meta = load_model(checkpoint, dev, ema=ema, attention=attention)
-        is_pack = "://" in source or (Path(source) / schema.INDEX_FILE).is_file()
+        if "files" not in meta:  # written before checkpoints carried digests
+            typer.echo(f"note: {meta['path']} predates checkpoint digests: loaded unverified", err=True)
+        from packer.plan.containers import names_containers
+
+        is_pack = ("://" in source and not names_containers(source)) or (
+            Path(source) / schema.INDEX_FILE
+        ).is_file()
         if is_pack:
             results = evaluate_shards(net, source, device=dev, batch_rows=batch_rows)
         else:
@@ -77,19 +87,37 @@ def register(app: typer.Typer) -> None:
             )
         if plot is not None:
             plot_results(results, plot, title=f"{meta['path']} on {source}")
+        rejected = results[0].rejected if results else []
         if json_out:
             payload = {
                 "checkpoint": meta["path"],
                 "step": meta["step"],
                 "source": source,
+                "images_listed": (results[0].images if results else 0) + len(rejected),
+                "images_rejected": len(rejected),
                 "results": [r.to_dict() for r in results],
+                "rejected": rejected,
             }
             typer.echo(json.dumps(payload, indent=2))
         else:
             typer.echo(f"checkpoint {meta['path']} (step {meta['step']}) on {source}")
             typer.echo(format_table(results))
-            if results and results[0].skipped:
-                typer.echo(f"({results[0].skipped} undecodable files skipped)")
+            if rejected:
+                typer.echo(_rejected_lines(rejected, results[0].images + len(rejected)))
+
+
+# The text report names this many rejected files; --json lists every one.
+SHOW_REJECTED = 20
+
+
+def _rejected_lines(rejected: list[dict[str, str]], listed: int) -> str:
+    from trainer.evaluate import rejection_summary
+
+    lines = [f"{len(rejected)} of {listed} files rejected, not evaluated ({rejection_summary(rejected)}):"]
+    lines += [f"  {r['path']}: {r['reason']}" for r in rejected[:SHOW_REJECTED]]
+    if len(rejected) > SHOW_REJECTED:
+        lines.append(f"  ... and {len(rejected) - SHOW_REJECTED} more (--json lists every one)")
+    return "\n".join(lines)
 
 
 def _attention_from_sets(sets: list[str] | None) -> str | None:

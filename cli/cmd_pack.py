@@ -27,6 +27,7 @@ from cli.common import (
     pack_config_from_flags,
     pack_flags,
 )
+from cli.source_flags import ImageColumnOpt, LabelColumnOpt, LabelFieldOpt, source_overrides
 from packer.errors import NavitError, Terminated
 
 
@@ -186,6 +187,9 @@ def pack(
     crop: CropOpt = None,
     hflip: HflipOpt = None,
     sets: SetOpt = None,
+    label_field: LabelFieldOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     shard_rows: Annotated[
         int | None,
         typer.Option(
@@ -211,7 +215,11 @@ def pack(
     cfg = pack_config_from_flags(
         config,
         **pack_flags(locals()),
-        extra={"output.shard_rows": shard_rows, "output.epochs": epochs},
+        extra={
+            "output.shard_rows": shard_rows,
+            "output.epochs": epochs,
+            **source_overrides(label_field, image_column, label_column),
+        },
     )
     typer.echo(f"[pack] planning {source}: starting Ray, listing files, reading headers ...", err=True)
     reporter = _Reporter(tty=sys.stderr.isatty())

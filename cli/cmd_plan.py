@@ -26,6 +26,7 @@ from cli.common import (
     pack_config_from_flags,
     pack_flags,
 )
+from cli.source_flags import ImageColumnOpt, LabelColumnOpt, LabelFieldOpt, source_overrides
 from packer.errors import ConfigError
 
 SeqLensOpt = Annotated[
@@ -78,6 +79,9 @@ def plan(
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
     sets: SetOpt = None,
+    label_field: LabelFieldOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     epoch: Annotated[int, typer.Option("--epoch", help="epoch whose draws to plan", min=0)] = 0,
     as_json: Annotated[
         bool, typer.Option("--json", help="one JSON object per seq_len (a list when several)")
@@ -91,7 +95,11 @@ def plan(
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: must be >= 1 (got {workers})")
     flags = pack_flags(locals())
-    cfgs = [pack_config_from_flags(config, **{**flags, "seq_len": n}) for n in parse_seq_lens(seq_len)]
+    extra = source_overrides(label_field, image_column, label_column)
+    cfgs = [
+        pack_config_from_flags(config, **{**flags, "seq_len": n}, extra=extra)
+        for n in parse_seq_lens(seq_len)
+    ]
     t0 = time.perf_counter()
     scan = scan_source(source, cfgs[0], ray_address=ray_address, workers=workers)
     scan_s = time.perf_counter() - t0

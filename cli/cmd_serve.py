@@ -22,8 +22,10 @@ from packer.errors import ConfigError, DataError
 
 
 def _is_pack_dir(path: str) -> bool:
-    if "://" in path:  # s3:// or gs:// pack directories
-        return True
+    if "://" in path:  # s3:// or gs:// pack directories; tar shards / Parquet files are a source
+        from packer.plan.containers import names_containers
+
+        return not names_containers(path)
     p = Path(path)
     # An unfinished pack (shards but no index.json yet) is a pack DIR too: read_index says why it
     # cannot be served, instead of trying to pack its shards as images.
@@ -103,6 +105,7 @@ def register(app: typer.Typer) -> None:
 
         stop = _StopOnSignal()  # before Ray starts: a signal during start-up is one line too
         if _is_pack_dir(source):
+            _refuse_packing_options(source, locals())
             src = ShardSetSource(source, verify=verify)
             what = f"pack {source} ({_epochs_line(src.describe())})"
         else:
@@ -155,6 +158,31 @@ def register(app: typer.Typer) -> None:
             os._exit(code)
         _shutdown_ray()
         raise typer.Exit(code)
+
+
+# Options of live serving only: with a pack DIR they would be silently ignored.
+_LIVE_ONLY = {
+    "config": "--config",
+    "sets": "--set",
+    "seq_len": "--seq-len",
+    "patch_size": "--patch-size",
+    "max_images_per_seq": "--max-images-per-seq",
+    "max_tokens_per_image": "--max-tokens-per-image",
+    "seed": "--seed",
+    "resolution": "--resolution",
+    "token_drop": "--token-drop",
+    "packer": "--packer",
+    "exact_fill": "--exact-fill",
+}
+
+
+def _refuse_packing_options(source: str, values: dict) -> None:
+    for name, flag in _LIVE_ONLY.items():
+        if values.get(name) is not None:
+            raise ConfigError(
+                f"{flag}: {source} is a pack, served as it was packed; packing options apply only to "
+                "live serving of an image SOURCE"
+            )
 
 
 class _StopOnSignal:

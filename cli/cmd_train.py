@@ -39,18 +39,18 @@ def train_config_from_flags(
     from packer.errors import ConfigError
     from trainer.config import ScheduleSection, load_train_config
 
-    overrides = dict(_parse_set(sets))
-    overrides.update({k: v for k, v in named.items() if v is not None})
+    set_values = _parse_set(sets)
+    overrides = {k: v for k, v in named.items() if v is not None}
     key = "schedule.warmup_steps"
-    flag = named.get(key)
-    if flag is None and (key in overrides or _file_sets_warmup(config)):
-        return load_train_config(config, overrides)  # set by --set or the file: its error names it
+    flag = overrides.get(key)
+    if flag is None and (key in set_values or _file_sets_warmup(config)):
+        return load_train_config(config, overrides, sets=set_values)  # set there: its error names it
     # The run length, validated with a warmup that always fits.
-    steps = load_train_config(config, {**overrides, key: 0}).schedule.steps
+    steps = load_train_config(config, {**overrides, key: 0}, sets=set_values).schedule.steps
     if flag is not None:
         if flag > steps:
             raise ConfigError(f"--warmup {flag} is longer than the run (--steps {steps})")
-        return load_train_config(config, overrides)
+        return load_train_config(config, overrides, sets=set_values)
     saved = _run_warmup(resume_from) if resume_from is not None else None
     default = ScheduleSection.model_fields["warmup_steps"].default
     if saved is not None:
@@ -62,19 +62,47 @@ def train_config_from_flags(
             f"{steps // 10} steps (10%); set --warmup to choose",
             err=True,
         )
-    return load_train_config(config, overrides)
+    return load_train_config(config, overrides, sets=set_values)
 
 
 def _file_sets_warmup(config: Path | None) -> bool:
     """Whether the config file (its top level, or its ``train`` section) sets the warmup."""
     if config is None:
         return False
-    from packer.config import read_yaml
+    from packer.config import file_section
 
-    data = read_yaml(config)
-    data = data.get("train") or {} if "train" in data else data
-    schedule = data.get("schedule") if isinstance(data, dict) else None
+    schedule = file_section(config, "train").get("schedule")
     return isinstance(schedule, dict) and "warmup_steps" in schedule
+
+
+def split_sets(sets: list[str] | None, live: bool) -> tuple[list[str], list[str]]:
+    """``--set`` items → (train config's, live pack config's), by the key's first part. A key of
+    neither config, or a packing key without live packing (where it would be ignored), is refused."""
+    from cli.common import _parse_set
+    from packer.config import PackConfig
+    from packer.errors import ConfigError
+    from trainer.config import TrainConfig
+
+    train_sets, pack_sets = [], []
+    for item in sets or []:
+        (key,) = _parse_set([item])
+        first = key.split(".")[0]
+        if first in TrainConfig.model_fields:
+            train_sets.append(item)
+        elif first in PackConfig.model_fields:
+            if not live:
+                raise ConfigError(
+                    f"--set {key}: a packing setting, used only by live training (--images); the "
+                    "packing of --data was fixed when it was packed"
+                )
+            pack_sets.append(item)
+        else:
+            sections = ", ".join(TrainConfig.model_fields)
+            raise ConfigError(
+                f"--set {key}: unknown key {first!r} (the train config has {sections}"
+                + ("; live packing also takes the pack config's)" if live else ")")
+            )
+    return train_sets, pack_sets
 
 
 def _run_warmup(run: Path) -> int | None:
@@ -95,6 +123,7 @@ def _run_warmup(run: Path) -> int | None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
+        ctx: typer.Context,
         out: Annotated[Path, typer.Option("--out", "-o", help="run directory (checkpoints, metrics)")],
         data: Annotated[
             str | None,
@@ -168,6 +197,15 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out exactly")] = False,
+        resume_from: Annotated[
+            str | None,
+            typer.Option(
+                "--resume-from",
+                help="resume from this checkpoint instead of the newest: step-N, N, or previous "
+                "(newer ones are set aside as checkpoints/discarded-step-N); implies --resume",
+                show_default=False,
+            ),
+        ] = None,
         token_file: Annotated[
             Path | None, typer.Option("--token-file", help="flight:// auth token file", show_default=False)
         ] = None,
@@ -195,13 +233,24 @@ def register(app: typer.Typer) -> None:
 
         if (data is None) == (images is None):
             raise ConfigError("give exactly one of --data DIR|flight://HOST:PORT or --images SOURCE")
+        resume = resume or resume_from is not None
         if reset_head and init_from is None:
             raise ConfigError("--reset-head needs --init-from (a new run's head is always fresh)")
+        if data is not None:  # the packing of --data is fixed: a packing flag would be ignored
+            for flag, value in (
+                ("--seq-len", seq_len),
+                ("--patch-size", patch_size),
+                ("--resolution", resolution),
+                ("--token-drop", token_drop),
+            ):
+                if value is not None:
+                    raise ConfigError(
+                        f"{flag}: used only by live training (--images); the packing of --data was "
+                        "fixed when it was packed"
+                    )
         # `train.` names the config file's train section: --set train.freeze=trunk = --set freeze=trunk.
         sets = [x[len("train.") :] if x.startswith("train.") else x for x in sets or []]
-        # --set keys split by their first segment: TrainConfig's sections, else the live pack config's.
-        train_sets = [x for x in sets or [] if x.split("=", 1)[0].split(".")[0] in TrainConfig.model_fields]
-        pack_sets = [x for x in sets or [] if x not in train_sets]
+        train_sets, pack_sets = split_sets(sets, live=images is not None)
         cfg: TrainConfig = train_config_from_flags(
             config,
             train_sets,
@@ -223,9 +272,11 @@ def register(app: typer.Typer) -> None:
             },
             resume_from=out if resume else None,
         )
-        from trainer.loop import check_run_dir
+        from trainer.rundir import check_run_dir, run_lock  # no torch yet: a busy --out is refused at once
 
         check_run_dir(out, resume)  # before the data is verified (which may take long)
+        # A second run on this --out is refused now, not after the data check; released on return.
+        ctx.with_resource(run_lock(out))
         from trainer.loggers import check_available
 
         check_available(cfg.loggers)
@@ -240,6 +291,7 @@ def register(app: typer.Typer) -> None:
             from trainer.flight_client import read_token_file
 
             token = read_token_file(token_file)
+        rejected = _live_rejected_log(out, resume) if images is not None else None
         source_factory = _source_factory(
             cfg,
             data,
@@ -252,13 +304,32 @@ def register(app: typer.Typer) -> None:
             token_drop,
             pack_sets,
             ray_address,
+            rejected,
         )
 
         from trainer.loop import train as run_train
 
         run_train(
-            cfg, source_factory, out, resume=resume, val=val, init_from=init_from, reset_head=reset_head
+            cfg,
+            source_factory,
+            out,
+            resume=resume,
+            resume_from=resume_from,
+            val=val,
+            init_from=init_from,
+            reset_head=reset_head,
         )
+        if rejected is not None and rejected.count:
+            typer.echo(f"live mode: {rejected.count} inputs not packed, listed in {rejected.path}", err=True)
+
+
+def _live_rejected_log(out: Path, resume: bool) -> Any:
+    """RUN/rejected.jsonl of live mode; a fresh start drops the list of an unfinished earlier run."""
+    from trainer.live_rejects import FILE, RejectedLog
+
+    if not resume:
+        (out / FILE).unlink(missing_ok=True)
+    return RejectedLog(out / FILE)
 
 
 def _source_factory(
@@ -273,8 +344,10 @@ def _source_factory(
     token_drop: str | None,
     sets: list[str] | None,
     ray_address: str | None,
+    rejected: Any = None,
 ) -> Any:
-    """A callable (DistInfo) -> BatchSource; called once the process group is up (rank known)."""
+    """A callable (DistInfo) -> BatchSource; called once the process group is up (rank known).
+    ``rejected``: live mode's RejectedLog (RUN/rejected.jsonl)."""
     import torch
 
     from trainer.loop import resolve_device
@@ -309,7 +382,7 @@ def _source_factory(
     from cli.common import pack_config_from_flags
     from packer.config import read_yaml
 
-    # The live pipeline's config is the file's `pack:` section (a train-only file has none).
+    # The live pipeline's config is the file's `pack:` section (a train-only file has none: defaults).
     pack_file = config if config is not None and "pack" in read_yaml(config) else None
     pack_cfg = pack_config_from_flags(
         pack_file,
@@ -332,6 +405,7 @@ def _source_factory(
             world_size=info.world_size,
             pin_memory=pin,
             ray_address=ray_address,
+            rejected=rejected,
         )
 
     return make_live

@@ -87,8 +87,10 @@ RayAddressOpt = Annotated[
 
 
 def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
+    """``--set KEY=VALUE`` items → {dotted key: YAML value}, in order. Every value given applies
+    (``null`` too: back to the default); a malformed item is refused, never skipped."""
+    from packer.config import parse_yaml_value
+    from packer.configfile import check_dotted_key
     from packer.errors import ConfigError
 
     out: dict[str, Any] = {}
@@ -96,7 +98,9 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. packing.seq_len=512")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        check_dotted_key(key, f"--set '{item[:60]}'")
+        out[key] = parse_yaml_value(value, f"--set {key}")
     return out
 
 
@@ -139,25 +143,23 @@ def pack_config_from_flags(
     sets: list[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> PackConfig:
-    """Config file, then --set, then the named flags: the named flags win."""
-    overrides: dict[str, Any] = dict(_parse_set(sets))
-    overrides.update(extra or {})
-    overrides.update(
-        {
-            "seed": seed,
-            "packing.seq_len": seq_len,
-            "packing.patch_size": patch_size,
-            "packing.max_images_per_seq": max_images_per_seq,
-            "packing.max_tokens_per_image": max_tokens_per_image,
-            "packing.packer": packer,
-            "packing.exact_fill": exact_fill,
-            "augment.hflip": hflip,
-        }
-    )
+    """Config file, then --set, then the named flags (None = not given, never overrides): the
+    named flags win. ``extra``: more named flags as {dotted key: value or None}."""
+    flags: dict[str, Any] = {
+        "seed": seed,
+        "packing.seq_len": seq_len,
+        "packing.patch_size": patch_size,
+        "packing.max_images_per_seq": max_images_per_seq,
+        "packing.max_tokens_per_image": max_tokens_per_image,
+        "packing.packer": packer,
+        "packing.exact_fill": exact_fill,
+        "augment.hflip": hflip,
+        **(extra or {}),
+    }
     if crop is not None:
-        overrides["augment"] = parse_crop(crop)
+        flags["augment"] = parse_crop(crop)
     if resolution is not None:
-        overrides["resolution"] = parse_resolution(resolution)
+        flags["resolution"] = parse_resolution(resolution)
     if token_drop is not None:
-        overrides["token_drop"] = parse_token_drop(token_drop)
-    return load_pack_config(config, overrides)
+        flags["token_drop"] = parse_token_drop(token_drop)
+    return load_pack_config(config, flags, sets=_parse_set(sets))

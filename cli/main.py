@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from packer.errors import NavitError, Terminated
+from packer.errors import NavitError, Stopped, Terminated
 
 app = typer.Typer(
     name="navit",
@@ -67,6 +67,9 @@ def main() -> None:
     except Terminated as e:
         typer.secho(f"terminated (SIGTERM): {e.args[0]}" if e.args else "terminated (SIGTERM)", err=True)
         sys.exit(143)
+    except Stopped as e:  # stopped by a signal after saving what it could: one line, 128 + signum
+        typer.secho(str(e), err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:  # (typer already turns Ctrl-C inside a command into exit 130)
         typer.secho("interrupted", err=True)
         sys.exit(130)

@@ -81,16 +81,19 @@ class NaViTConfig:
     pixel_std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.pixel_mean = tuple(float(x) for x in self.pixel_mean)
         self.pixel_std = tuple(float(x) for x in self.pixel_std)
         checks = [
             (self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}"),
             (self.channels >= 1, f"channels must be >= 1, got {self.channels}"),
+            (self.dim >= 1, f"dim must be >= 1, got {self.dim}"),
+            (self.depth >= 0, f"depth must be >= 0, got {self.depth}"),
+            (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
             (
-                self.depth >= 0 and self.heads >= 1,
-                f"depth >= 0 and heads >= 1, got {self.depth}, {self.heads}",
+                self.heads < 1 or self.dim % self.heads == 0,
+                f"dim {self.dim} is not divisible by heads {self.heads}",
             ),
-            (self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
             (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
             (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
             (self.posemb in POSEMB_ALL, f"posemb must be one of {POSEMB_ALL}, got {self.posemb!r}"),
@@ -110,10 +113,37 @@ class NaViTConfig:
                 f"pixel_mean/pixel_std need {self.channels} values",
             ),
             (all(s > 0 for s in self.pixel_std), "pixel_std must be > 0"),
+            (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+    def _check_types(self) -> None:
+        """Each field holds its annotated type and floats are finite, else ValueError naming the
+        field: a YAML slip such as ``{dim: nan}`` (the string 'nan') must not reach the arithmetic."""
+        import numbers
+
+        def number(x: Any) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if kind == "bool":
+                ok, want = isinstance(v, bool), "true or false"
+            elif kind == "int":
+                ok, want = isinstance(v, numbers.Integral) and not isinstance(v, bool), "a whole number"
+            elif kind == "float":
+                ok, want = number(v), "a finite number"
+            elif kind == "str":
+                ok, want = isinstance(v, str), "a string"
+            elif kind.startswith("tuple"):
+                ok, want = isinstance(v, (list, tuple)) and all(map(number, v)), "a list of finite numbers"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"{f.name} must be {want} (got {v!r})")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> NaViTConfig:

@@ -15,8 +15,17 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from packer.configfile import (  # noqa: F401  (re-exported: the config API callers know)
+    FILE_SECTIONS,
+    build_config,
+    deep_merge,
+    file_section,
+    format_validation_error,
+    parse_yaml_value,
+    read_yaml,
+)
 from packer.errors import ConfigError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -36,6 +45,23 @@ class SourceConfig(_Stage):
     )
     extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="accepted file extensions (any case)")
     follow_hidden: bool = Field(False, description="include hidden files and folders (names starting '.')")
+    format: Literal["auto", "folder", "manifest", "wds", "parquet"] = Field(
+        "auto",
+        description="source layout. 'auto': *.tar / a brace or glob pattern of them / a folder holding only "
+        ".tar files → 'wds' (WebDataset shards); a .parquet file with the image column, or a folder of "
+        "only such files → 'parquet' (image bytes); other .csv/.jsonl/.parquet → 'manifest'; else 'folder'",
+    )
+    label_field: str = Field(
+        "label",
+        min_length=1,
+        description="wds: the field of a sample's .json holding its label (when no .cls)",
+    )
+    image_column: str = Field(
+        "image", min_length=1, description="parquet: the image column (binary, or struct{bytes, path})"
+    )
+    label_column: str = Field(
+        "label", min_length=1, description="parquet: the label column (integer, or string class names)"
+    )
 
 
 class ResolutionConfig(_Stage):
@@ -294,99 +320,15 @@ def parse_crop(spec: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loading: YAML file + dotted overrides → validated model, with one-line errors
+# Loading: YAML file + --set + flags → validated model, with one-line errors (packer/configfile.py)
 # ----------------------------------------------------------------------------------------------------
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """First error of a pydantic ValidationError as one line: 'packing.seq_len: must be >= 1 (got 0)'."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    msg = first.get("msg", "invalid value")
-    ctx = first.get("ctx") or {}
-    for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-        if bound in ctx:
-            msg = f"must be {word} {ctx[bound]}"
-    if first.get("type") == "literal_error" and "expected" in ctx:
-        msg = f"must be one of {ctx['expected']}"
-    if first.get("type") == "extra_forbidden":
-        msg = "unknown field"
-    got = first.get("input")
-    got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "config")
-    return f"{where}: {msg}{got_s}"
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{key}': '{p}' is not a section")
-    node[parts[-1]] = value
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (or JSON) config file into a dict; one-line error if missing or malformed."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p}: top level must be a mapping")
-    return data
-
-
-def build_config(
-    cls: type[BaseModel],
+def load_pack_config(
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
-    section: str | None = None,
-) -> Any:
-    """Validate ``cls`` from an optional YAML file (or one ``section`` of it) plus dotted overrides.
-
-    Overrides whose value is None are ignored (an unset CLI flag). Raises ConfigError with one line.
-    """
-    data: dict[str, Any] = {}
-    if file is not None:
-        data = read_yaml(file)
-        if section is not None:
-            data = data.get(section, {}) or {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            if isinstance(value, dict):
-                node = data
-                for p in key.split("."):
-                    node = node.setdefault(p, {})
-                node.update(value)
-            else:
-                _set_dotted(data, key, value)
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
-
-
-def load_pack_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PackConfig:
-    """The PackConfig of a YAML file (its top level, or its 'pack' section if present) + overrides."""
-    data_file = file
-    section = None
-    if file is not None and "pack" in read_yaml(file):
-        section = "pack"
-    return build_config(PackConfig, data_file, overrides, section=section)
+    sets: dict[str, Any] | None = None,
+) -> PackConfig:
+    """The PackConfig of a YAML file (its top level, or its ``pack:`` section), then ``sets``
+    (--set), then ``overrides`` (flags; None = not given)."""
+    return build_config(PackConfig, file, overrides, section="pack", sets=sets)

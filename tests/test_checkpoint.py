@@ -57,6 +57,13 @@ def test_state_file_refuses_arbitrary_objects(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"optimizer": Evil()}, path / "state.pt")
+    # The digest in meta.json no longer matches: refused before anything is unpickled.
+    with pytest.raises(ck.CheckpointDamaged, match=r"state\.pt: .* bytes, expected"):
+        ck.load_checkpoint(path).train_state()
+    # Whoever can write the file can rewrite the digest too: weights_only still refuses the object.
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["state.pt"] = ck.file_digest(path / "state.pt")
+    (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         ck.load_checkpoint(path).train_state()
 
@@ -181,3 +188,144 @@ def test_resume_of_a_run_started_before_new_defaults_goes_on_with_its_model(tmp_
     resumed = ck.load_checkpoint(tmp_path / "part")
     assert NaViTConfig.from_dict(resumed.meta["model_config"]) == NaViTConfig.from_dict(stored)
     assert any(k.startswith("pool.") for k in resumed.weights)
+
+
+# ------------------------------------------------------------ integrity: digests in meta.json (issue 21)
+
+
+def _damage(path, how: str) -> str:
+    """Damage a checkpoint file as a failing disk or an interrupted copy would; returns its name."""
+    if how == "truncated_state":
+        f = path / "state.pt"
+        f.write_bytes(f.read_bytes()[:1000])
+        return "state.pt"
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight: still a valid safetensors file
+    f.write_bytes(bytes(data))
+    return "model.safetensors"
+
+
+def test_checkpoint_meta_records_digests_that_loading_verifies(tmp_path):
+    m = _model()
+    path = ck.save_checkpoint(tmp_path, 1, m, _state(m), {})
+    files = json.loads((path / "meta.json").read_text())["files"]
+    assert set(files) == {"model.safetensors", "state.pt"}
+    assert files["state.pt"] == ck.file_digest(path / "state.pt")
+    loaded = ck.load_checkpoint(path)
+    assert loaded.verified and loaded.train_state()["optimizer"]["state"][0]["step"] == 1
+    for how in ("flipped_weight", "truncated_state"):
+        p = ck.save_checkpoint(tmp_path / how, 1, m, _state(m), {})
+        name = _damage(p, how)
+        with pytest.raises(ck.CheckpointDamaged, match=name) as e:
+            ck.load_checkpoint(p).train_state()
+        assert "\n" not in str(e.value)
+    # Weights saved beside the model (the EMA) are digested and verified too.
+    p = ck.save_checkpoint(tmp_path / "ema", 1, m, _state(m), {}, extra={"ema": _model()})
+    assert set(json.loads((p / "meta.json").read_text())["files"]) == {
+        "model.safetensors",
+        "ema.safetensors",
+        "state.pt",
+    }
+    (p / "ema.safetensors").write_bytes((p / "ema.safetensors").read_bytes()[:-3] + b"\0\0\0")
+    with pytest.raises(ck.CheckpointDamaged, match="ema.safetensors: sha256 mismatch"):
+        ck.load_checkpoint(p).extra_weights("ema")
+    with pytest.raises(ck.CheckpointDamaged, match="ema.safetensors"):
+        ck.verify_checkpoint(p)
+
+
+def test_checkpoint_without_digests_still_loads_unverified(tmp_path):
+    m = _model()
+    path = ck.save_checkpoint(tmp_path, 1, m, _state(m), {})
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["files"]  # as written before digests existed
+    (path / "meta.json").write_text(json.dumps(meta))
+    loaded = ck.load_checkpoint(path)
+    assert not loaded.verified
+    assert loaded.train_state()["optimizer"]["state"][0]["step"] == 1
+    # Without digests a truncated state.pt is still one line, not a traceback.
+    (path / "state.pt").write_bytes((path / "state.pt").read_bytes()[:500])
+    with pytest.raises(ck.CheckpointDamaged, match="state.pt: cannot load") as e:
+        ck.load_checkpoint(path).train_state()
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A CLI run of 6 steps with checkpoints at 3 and 6, and the pack it trained on."""
+    from train_fixtures import make_images, run_cli_plain, write_pack
+
+    base = tmp_path_factory.mktemp("ir")
+    images, labels = make_images(48, seed=5)
+    pack = write_pack(base / "pack", images, labels, seq_len=64, shard_rows=6)
+    code, err = run_cli_plain(
+        ["train", "--data", str(pack), "--out", str(base / "run"), *_TINY_CLI, "--steps", "6"]
+    )
+    assert code == 0, err
+    return pack, base / "run"
+
+
+_TINY_CLI = [
+    "--set",
+    "model.overrides={depth: 1, dim: 32, heads: 2}",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "2",
+    "--warmup",
+    "1",
+    "--checkpoint-every",
+    "3",
+]
+
+
+@pytest.mark.parametrize("how", ["flipped_weight", "truncated_state"])
+def test_damaged_newest_checkpoint_is_named_and_the_previous_one_resumes(
+    tmp_path, interrupted_run, capsys, how
+):
+    import shutil
+
+    from train_fixtures import run_cli
+
+    pack, done = interrupted_run
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    name = _damage(run / "checkpoints" / "step-00000006", how)
+    argv = ["train", "--data", str(pack), "--out", str(run), *_TINY_CLI, "--steps", "8"]
+    code, cap = run_cli([*argv, "--resume"], capsys)
+    assert code == 2, cap.err
+    line = cap.err.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "step-00000006 is damaged" in line and name in line and "--resume-from step-00000003" in line, line
+    # navit eval (any loader of the checkpoint) refuses the damaged weights too; state.pt is not its business.
+    code, cap = run_cli(
+        ["eval", str(pack), "--checkpoint", str(run / "checkpoints" / "step-00000006")], capsys
+    )
+    assert (code == 2) == (how == "flipped_weight"), cap.err
+    code, cap = run_cli([*argv, "--resume-from", "previous"], capsys)
+    assert code == 0, cap.err
+    assert "resuming at step 3" in cap.err and "discarded-step-00000006" in cap.err
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["discarded-step-00000006", "step-00000003", "step-00000006", "step-00000008"]
+    assert ck.load_checkpoint(run).step == 8
+
+
+def test_resume_of_a_checkpoint_without_digests_says_so(tmp_path, interrupted_run, capsys):
+    import shutil
+
+    from train_fixtures import run_cli
+
+    pack, done = interrupted_run
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    meta_file = run / "checkpoints" / "step-00000006" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["files"]
+    meta_file.write_text(json.dumps(meta))
+    code, cap = run_cli(["eval", str(pack), "--checkpoint", str(run)], capsys)
+    assert code == 0 and "predates checkpoint digests: loaded unverified" in cap.err, cap.err
+    argv = ["train", "--data", str(pack), "--out", str(run), *_TINY_CLI, "--steps", "7", "--resume"]
+    code, cap = run_cli(argv, capsys)
+    assert code == 0, cap.err
+    assert "resuming at step 6 (its checkpoint predates digests: not verified)" in cap.err
+    assert ck.load_checkpoint(run).verified  # the new checkpoint has digests

@@ -27,7 +27,7 @@ FORBIDDEN = {
 }
 # What trainer/ may import from packer at module level: the shard contract and its config/errors.
 # (Lazy imports inside functions may reach packer.build: live mode and `navit eval` decode images.)
-TRAINER_PACKER_MODULES = {"packer.schema", "packer.errors", "packer.config"}
+TRAINER_PACKER_MODULES = {"packer.schema", "packer.errors", "packer.config", "packer.dirlock"}
 
 
 def modules(*packages: str) -> list[Path]:

@@ -105,6 +105,8 @@ def test_freeze_trunk_trains_only_the_head(setup, tmp_path, capsys):
             "3",
             "--set",
             "train.freeze=trunk",
+            "--set",
+            "model.overrides.depth=2",  # the source's own value: accepted
             "--lr",
             "0.01",
         ],
@@ -191,7 +193,7 @@ def test_init_from_a_timm_state_dict_then_fine_tune(setup, tmp_path, capsys):
         (["--init-from", "{tmp}/vit16.safetensors"], "patch size 16, the data was packed with patch size 8"),
         (["--init-from", "{tmp}/junk.safetensors"], "cannot read weights"),
         (["--reset-head"], "--reset-head needs --init-from"),
-        (["--init-from", "{run}", "--set", "model.overrides.depth=3"], "do not apply with --init-from"),
+        (["--init-from", "{run}", "--set", "model.overrides.depth=3"], "differ from"),
         (["--set", "train.freeze=all"], "freeze"),
     ],
 )

@@ -354,6 +354,403 @@ def test_step_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path, s
     )
 
 
+# ---- issue 20: a full disk while checkpointing, and --resume while it is still full -----------------
+
+
+class _FillsUp:
+    """A file whose disk fills up after ``room`` bytes: the write that does not fit raises ENOSPC."""
+
+    def __init__(self, path, room: int) -> None:
+        self.f, self.room = open(path, "wb"), room  # noqa: SIM115 - closed in __exit__
+
+    def write(self, data) -> int:
+        import errno
+        import os
+
+        data = data.encode() if isinstance(data, str) else bytes(data)
+        if len(data) > self.room:
+            self.f.write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def _temp_leftovers(run) -> list[str]:
+    return sorted(p.name for p in run.rglob("*") if ".tmp-" in p.name or p.name == ".navit-lock")
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_temp(
+    one_thread, tmp_path, small_pack, capsys, monkeypatch
+):
+    from trainer import metrics
+
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(small_pack), "--out", str(run), "--steps", "4", "--checkpoint-every", "2"]
+    argv += [*TINY, "--warmup", "1", "--set", "log_every=1"]
+    real_open = ck.open_for_write
+    with monkeypatch.context() as m:  # the disk fills while step 4's state.pt is written
+        m.setattr(
+            ck,
+            "open_for_write",
+            lambda p: _FillsUp(p, 100) if "tmp-step-00000004" in str(p) else real_open(p),
+        )
+        code, cap = run_cli(argv, capsys)
+    assert code == 2, cap.err
+    line = cap.err.strip().splitlines()[-1]
+    assert "Traceback" not in cap.err and "no space left on device" in line and f"--out {run}" in line, (
+        cap.err
+    )
+    assert "last good checkpoint" in line and "step-00000002" in line, line
+    assert _temp_leftovers(run) == []
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-00000002"]
+
+    # --resume while the disk is still full: the metrics rewind (steps 3-4 are logged) cannot write.
+    before = (run / "metrics.jsonl").read_bytes()
+    real = open
+
+    def full_open(path, mode="r", *a, **kw):
+        return _FillsUp(path, 10) if ".tmp-" in str(path) else real(path, mode, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(metrics, "open", full_open, raising=False)
+        code, cap = run_cli([*argv, "--resume"], capsys)
+    assert code == 2, cap.err
+    assert cap.err.strip().count("\n") == 0 and "no space left on device" in cap.err, cap.err
+    assert "step-00000002" in cap.err
+    assert _temp_leftovers(run) == [] and (run / "metrics.jsonl").read_bytes() == before
+
+    # Temp files of a run killed mid-write are removed at the next start; the resumed run completes.
+    (run / "checkpoints" / ".tmp-step-00000003-deadbeef").mkdir()
+    (run / "checkpoints" / ".tmp-step-00000003-deadbeef" / "state.pt").write_bytes(b"x" * 1000)
+    (run / ".metrics.jsonl.tmp-999999").write_text("{}\n")
+    code, cap = run_cli([*argv, "--resume"], capsys)
+    assert code == 0, cap.err
+    assert _temp_leftovers(run) == []
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+
+
+def test_disk_full_in_the_weights_file_is_reported_as_such(tmp_path, monkeypatch):
+    """safetensors writes the weights itself (Rust): its ENOSPC arrives as a SafetensorError."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from trainer.diskfull import DiskFullError
+
+    def full_save_file(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 64)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    model = torch.nn.Linear(4, 2)
+    ck.save_checkpoint(tmp_path, 1, model, {}, {})
+    monkeypatch.setattr(safetensors.torch, "save_file", full_save_file)
+    with pytest.raises(
+        DiskFullError, match=r"no space left on device while saving checkpoint step-00000002"
+    ) as e:
+        ck.save_checkpoint(tmp_path, 2, model, {}, {})
+    assert "last good checkpoint" in str(e.value) and "step-00000001" in str(e.value)
+    assert _temp_leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 16 MiB tmpfs (needs root and mount); skipped where it cannot be mounted."""
+    import subprocess
+
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True)
+    except OSError as e:
+        pytest.skip(f"cannot mount a small filesystem here: {e}")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.decode(errors='replace').strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(fs, name: str, leave: int) -> None:
+    """Fill the filesystem ``fs`` with file ``name`` until at most ``leave`` bytes are free."""
+    import os
+
+    with open(fs / name, "wb") as f:
+        while True:
+            st = os.statvfs(fs)
+            free = st.f_bavail * st.f_frsize
+            if free <= leave:
+                return
+            try:
+                f.write(b"\0" * min(free - leave, 1 << 20))
+                f.flush()
+            except OSError:
+                return
+
+
+class _FillsDiskAt:
+    """A BatchSource that fills the disk (leaving ``leave`` bytes) when asked for batch ``n``."""
+
+    def __init__(self, source, n: int, fs, leave: int) -> None:
+        self.source, self.n, self.fs, self.leave = source, n, fs, leave
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def batches(self, start):
+        for i, batch in enumerate(self.source.batches(start)):
+            if i == self.n:
+                _fill(self.fs, "filler", self.leave)
+            yield batch
+
+
+def test_disk_full_on_a_real_small_filesystem(one_thread, small_fs, small_pack):
+    from trainer.diskfull import DiskFullError
+
+    run = small_fs / "run"
+    cfg = tiny_train_config(**{"schedule.steps": 6, "checkpoint.every": 2, "log_every": 1})
+
+    def src(info):
+        return open_source(str(small_pack), batch_size=4, seed=0)
+
+    # Step 2's checkpoint fits; then the disk fills (8 KiB left: metrics lines fit, a checkpoint not).
+    with pytest.raises(DiskFullError) as e:
+        train(cfg, lambda info: _FillsDiskAt(src(info), 2, small_fs, 8192), run, verbose=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "no space left on device" in msg and "step-00000002" in msg, msg
+    assert _temp_leftovers(run) == []
+    # Still full (to the last byte): --resume fails in one line and leaves nothing behind.
+    _fill(small_fs, "filler2", 0)
+    listing = sorted(str(p) for p in run.rglob("*"))
+    with pytest.raises(DiskFullError) as e:
+        train(cfg, src, run, resume=True, verbose=False)
+    assert "\n" not in str(e.value) and "step-00000002" in str(e.value)
+    assert sorted(str(p) for p in run.rglob("*")) == listing
+    # Space freed: the run resumes and completes.
+    (small_fs / "filler").unlink()
+    (small_fs / "filler2").unlink()
+    assert train(cfg, src, run, resume=True, verbose=False).steps == 6
+    assert [p.name for p in ck.list_checkpoints(run)][-1] == "step-00000006"
+
+
+# ---- issue 21: one run per --out (a lock), SIGTERM/SIGINT save a checkpoint (real processes) --------
+
+
+def _navit(argv: list[str]) -> tuple[list[str], dict, str]:
+    """The command line, environment and cwd that run ``navit ARGV`` from this checkout."""
+    import os
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    return [sys.executable, "-m", "cli.main", *argv], env, root
+
+
+def _spawn(argv: list[str], err_file):
+    """``navit ARGV`` as its own process, stderr to ``err_file``."""
+    import subprocess
+
+    cmd, env, root = _navit(argv)
+    with open(err_file, "w") as err:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _wait_for_step(run, proc, err_file, step: int, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and any(r["step"] >= step for r in _step_records(run)):
+            return
+        assert proc.poll() is None, f"exited {proc.returncode}: {err_file.read_text()}"
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout} s: {err_file.read_text()}")
+
+
+def _stop(proc, sig, timeout: float = 180) -> int:
+    import subprocess
+
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def _wait_for_file(path, proc, err_file, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"exited {proc.returncode}: {err_file.read_text()}"
+        assert time.monotonic() < deadline, f"no {path} within {timeout} s"
+        time.sleep(0.1)
+
+
+def test_second_run_on_one_out_is_refused_and_sigterm_saves_a_checkpoint(tmp_path, small_pack, capsys):
+    import signal
+    import subprocess
+
+    from packer.dirlock import LOCK_NAME
+
+    run, err = tmp_path / "run", tmp_path / "err"
+    argv = ["train", "--data", str(small_pack), "--steps", "100000", *TINY, "--warmup", "1"]
+    argv += ["--set", "log_every=1", "--checkpoint-every", "0"]
+    proc = _spawn([*argv, "--out", str(run)], err)
+    try:
+        _wait_for_file(run / LOCK_NAME, proc, err)
+        # Another run on the same --out (other settings, as in the issue): refused at once, in one line.
+        other = ["train", "--data", str(small_pack), "--steps", "3", *TINY, "--warmup", "1", "--lr", "0.01"]
+        cmd, env, root = _navit([*other, "--out", str(run)])
+        second = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=180)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip().count("\n") == 0, second.stderr
+        assert f"in use by navit train (pid {proc.pid}" in second.stderr, second.stderr
+        _wait_for_step(run, proc, err, 2)
+        code = _stop(proc, signal.SIGTERM)  # what a cluster sends to preempt a job
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    assert code == 143, text[-2000:]
+    last = text.strip().splitlines()[-1]
+    assert "Traceback" not in text and last.startswith("stopped by SIGTERM at step "), text[-2000:]
+    # The checkpoint is of the step it was at (the last step it logged): nothing trained is lost.
+    at = max(r["step"] for r in _step_records(run))
+    assert f"saved checkpoint {run}/checkpoints/step-{at:08d}; continue with --resume" in last, last
+    assert [p.name for p in ck.list_checkpoints(run)] == [f"step-{at:08d}"]
+    assert not (run / LOCK_NAME).exists()
+    # A lock file left by a process that died (kill -9 leaves it; no process holds it): not in the way.
+    (run / LOCK_NAME).write_text(json.dumps({"pid": proc.pid, "host": "vm", "what": "navit train"}))
+    argv = [
+        "train",
+        "--data",
+        str(small_pack),
+        "--out",
+        str(run),
+        "--steps",
+        str(at + 1),
+        *TINY,
+        "--warmup",
+        "1",
+    ]
+    code, cap = run_cli([*argv, "--set", "log_every=1", "--checkpoint-every", "0", "--resume"], capsys)
+    assert code == 0, cap.err
+    assert ck.load_checkpoint(run).step == at + 1 and not (run / LOCK_NAME).exists()
+
+
+class _SignalsAt:
+    """A BatchSource that sends this process ``sig`` when asked for batch ``n`` (a signal during the
+    loop's data wait)."""
+
+    def __init__(self, source, n: int, sig) -> None:
+        self.source, self.n, self.sig = source, n, sig
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def batches(self, start):
+        import os
+
+        for i, batch in enumerate(self.source.batches(start)):
+            if i == self.n:
+                os.kill(os.getpid(), self.sig)
+            yield batch
+
+
+@pytest.mark.parametrize("when", ["data_wait", "compute", "twice"])
+def test_sigint_saves_the_current_step_and_says_so(one_thread, tmp_path, small_pack, monkeypatch, when):
+    import os
+    import signal
+
+    from packer.errors import Stopped
+    from trainer.metrics import MetricsLogger
+
+    cfg = tiny_train_config(**{"schedule.steps": 50, "log_every": 1})
+    source = open_source(str(small_pack), batch_size=4, seed=0)
+    if when == "data_wait":  # while fetching step 4's batch: the checkpoint is of step 3
+        src, at = _SignalsAt(source, 3, signal.SIGINT), 3
+    else:  # while step 3 is logged: step 3 completes, then its checkpoint is saved
+        src, at = source, 3
+        logged = MetricsLogger.step
+
+        def step(self, n, *a):
+            if n == at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return logged(self, n, *a)
+
+        monkeypatch.setattr(MetricsLogger, "step", step)
+    if when == "twice":  # a second Ctrl-C while the checkpoint is written: stop without it
+        saving = ck.save_checkpoint
+
+        def save(*a, **kw):
+            os.kill(os.getpid(), signal.SIGINT)
+            return saving(*a, **kw)
+
+        monkeypatch.setattr(ck, "save_checkpoint", save)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Stopped) as e:
+        train(cfg, lambda info: src, tmp_path / "run", verbose=False)
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is the caller's again
+    msg = str(e.value)
+    assert e.value.exit_code == 130 and "\n" not in msg
+    if when == "twice":
+        assert msg.startswith("interrupted (SIGINT) again before the checkpoint was written"), msg
+        assert ck.list_checkpoints(tmp_path / "run") == [] and _temp_leftovers(tmp_path / "run") == []
+        return
+    assert msg.startswith(f"interrupted (SIGINT) at step {at}: saved checkpoint"), msg
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "run")] == [f"step-{at:08d}"]
+    assert max(r["step"] for r in _step_records(tmp_path / "run")) == at
+
+
+def test_live_mode_lists_rejected_inputs_and_stops_on_sigterm_in_one_line(tmp_path):
+    import signal
+
+    from fixtures_images import messy_image_folder
+
+    folder = messy_image_folder(tmp_path / "img", n_good=12)
+    run, err = tmp_path / "run", tmp_path / "err"
+    argv = ["train", "--images", str(tmp_path / "img"), "--out", str(run), "--steps", "100000"]
+    argv += ["--batch-size", "2", "--warmup", "1", "--device", "cpu", "--seq-len", "64", "--patch-size", "16"]
+    argv += ["--resolution", "uniform:32:64", "--set", "model.overrides={depth: 1, dim: 32, heads: 2}"]
+    argv += ["--set", "log_every=1", "--checkpoint-every", "0", "--workers", "0"]
+    proc = _spawn(argv, err)
+    try:
+        _wait_for_step(run, proc, err, 2)  # epoch 0 is one shard: built (and its rejections known) by now
+        code = _stop(proc, signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    assert code == 143, text[-3000:]
+    # One line for the stop; none of Ray's C-level stack dump ("*** SIGTERM received ...", "@ 0x...").
+    other = [x for x in text.splitlines() if not x.startswith(("step ", "navit train: "))]
+    assert len(other) == 1 and other[0].startswith("stopped by SIGTERM at step "), text[-3000:]
+    assert "saved checkpoint" in other[0] and ck.list_checkpoints(run)
+    # Every input the live pipeline could not pack, with its reason (header scan and pixel decode).
+    rejected = [json.loads(x) for x in (run / "rejected.jsonl").read_text().splitlines()]
+    epoch0 = {r["path"]: r["reason"] for r in rejected if r["epoch"] == 0}
+    assert sorted(epoch0) == sorted(str(tmp_path / "img" / b) for b in folder["bad"])
+    assert epoch0[str(tmp_path / "img" / "triangle" / "zero.jpg")] == "zero-byte file"
+    assert epoch0[str(tmp_path / "img" / "triangle" / "truncated.jpg")].startswith(
+        "corrupt or truncated image"
+    )
+
+
 def test_activation_checkpointing_lowers_the_activation_floor():
     from trainer import memory
 

@@ -192,3 +192,26 @@ def run_cli(argv: list[str], capsys) -> tuple[int | str | None, object]:
     finally:
         sys.argv = old
     return code, capsys.readouterr()
+
+
+def run_cli_plain(argv: list[str]) -> tuple[int | str | None, str]:
+    """``navit ARGV`` in-process without pytest's capsys (e.g. in a module-scoped fixture):
+    (exit code, what it wrote to stderr)."""
+    import contextlib
+    import io
+    import sys
+
+    from cli.main import main
+
+    err = io.StringIO()
+    old = sys.argv
+    sys.argv = ["navit", *argv]
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, err.getvalue()

@@ -9,7 +9,13 @@ Modules (import what you need; this package imports none of them eagerly, so tha
 - ``trainer.shards``       a pack on disk: shard set, data order (ranks, shuffle buffer), DataLoader stream
 - ``trainer.streams``      record-batch sources: flight:// and live mode (the packing pipeline on Ray)
 - ``trainer.loop``         ``train(cfg, source, out, resume=...)``: the training loop
-- ``trainer.checkpoint``   atomic safetensors + weights_only checkpoints
+- ``trainer.checkpoint``   atomic safetensors + weights_only checkpoints, sha256 digests verified on load
+- ``trainer.resume``       which checkpoint --resume / --resume-from continues from (verified)
+- ``trainer.rundir``       the run folder without torch: --out checks, the lock, temp clean-up
+- ``trainer.runguard``     around a run: lock, stale temps, full disk → one line, signals
+- ``trainer.signals``      SIGTERM/SIGINT: checkpoint the current step, exit 128+signum
+- ``trainer.diskfull``     ENOSPC/EDQUOT found in whatever a library raised
+- ``trainer.live_rejects`` RUN/rejected.jsonl of live mode
 - ``trainer.pending``      per-step sums kept on the device between host syncs
 - ``trainer.metrics``      console lines (rich bar on a terminal), metrics.jsonl
 - ``trainer.loggers``      optional sinks: TensorBoard, W&B (``--log``)

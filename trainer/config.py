@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from packer.config import build_config, read_yaml
+from packer.config import build_config
 
 
 class _Section(BaseModel):
@@ -28,13 +28,26 @@ class ModelSection(_Section):
     num_classes: int | None = Field(
         None, ge=1, description="classifier width (default: 1 + the largest label in the data)"
     )
-    attention: str = Field("auto", description="attention backend: auto | dense | segment | flex | varlen")
+    attention: Literal["auto", "dense", "segment", "flex", "varlen"] = Field(
+        "auto",
+        description="attention backend (auto: flex on CUDA, segment elsewhere; flex and varlen train "
+        "only on CUDA)",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="any NaViTConfig field, e.g. {depth: 2, dim: 64}"
     )
     grad_checkpoint: bool = Field(
         False, description="recompute each block in the backward (activation checkpointing): less memory"
     )
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_build(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if overrides and "preset" in info.data:  # (an invalid preset is reported on its own)
+            from trainer.model_checks import check_overrides
+
+            check_overrides(info.data["preset"], overrides)
+        return overrides
 
 
 class OptimSection(_Section):
@@ -177,11 +190,13 @@ def incompatible_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in RESUME_MUTABLE and a.get(k) != b.get(k))
 
 
-def load_train_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from a YAML file (top level, or its ``train`` section) + dotted overrides.
+def load_train_config(
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """TrainConfig from a YAML file (top level, or its ``train:`` section), then ``sets`` (--set),
+    then dotted ``overrides`` (flags; None = not given).
 
     Raises ConfigError (one line) on any invalid value."""
-    section = None
-    if file is not None and "train" in read_yaml(file):
-        section = "train"
-    return build_config(TrainConfig, file, overrides, section=section)
+    return build_config(TrainConfig, file, overrides, section="train", sets=sets)

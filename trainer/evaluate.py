@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +159,16 @@ def list_image_folder(root: str | Path, class_names: list[str] | None = None) ->
     return paths, labels
 
 
-def _decode(path: Path) -> np.ndarray | None:
-    """Upright RGB (H, W, 3) uint8 with the packer's decoder; None for an undecodable file."""
+def _decode(path: Path) -> np.ndarray | str:
+    """Upright RGB (H, W, 3) uint8 with the packer's decoder, or why it cannot be evaluated (the
+    packer's rejection reason: 'decompression bomb: ...', 'corrupt or truncated image: ...')."""
     from packer.build import decode
     from packer.config import DecodeConfig
 
     try:
         img, _ = decode.decode_rgb(decode.read_bytes(str(path)), None, DecodeConfig())
-    except decode.DecodeError:
-        return None
+    except decode.DecodeError as e:
+        return e.reason
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -191,11 +192,13 @@ class EvalResult:
     top1: float
     top5: float
     tokens_per_image: float
-    skipped: int = 0  # undecodable files (listed by path in `skipped_paths`)
+    skipped: int = 0  # files not evaluated (each in ``rejected``)
     loss: float = math.nan  # mean cross-entropy per labelled image
+    rejected: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}, per file
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The numbers (the rejected files are the same at every resolution: listed once, apart)."""
+        return {k: v for k, v in self.__dict__.items() if k != "rejected"}
 
 
 class _Accumulator:
@@ -291,15 +294,32 @@ def _batched(rows: Rows, batch_rows: int) -> Iterator[Rows]:
 
 
 def iter_folder_chunks(
-    root: str | Path, class_names: list[str] | None = None, chunk_images: int = 256
+    root: str | Path,
+    class_names: list[str] | None = None,
+    chunk_images: int = 256,
+    rejected: list[dict[str, str]] | None = None,
 ) -> Iterator[tuple[list[tuple[np.ndarray, int]], int]]:
     """An ImageFolder decoded ``chunk_images`` at a time: (decoded (image, label) pairs, number of
-    undecodable files) per chunk."""
+    undecodable files) per chunk. ``rejected`` gets each undecodable file's {"path", "reason"}.
+    WebDataset tar shards and Parquet image files are read by trainer.eval_sources."""
+    from trainer.eval_sources import is_container_source, iter_container_chunks
+
+    if is_container_source(root):
+        yield from iter_container_chunks(root, class_names, chunk_images, rejected)
+        return
     paths, labels = list_image_folder(root, class_names)
     for start in range(0, len(paths), chunk_images):
         sl = slice(start, start + chunk_images)
-        decoded = [(_decode(p), lab) for p, lab in zip(paths[sl], labels[sl], strict=True)]
-        yield [(img, lab) for img, lab in decoded if img is not None], sum(img is None for img, _ in decoded)
+        good, bad = [], 0
+        for p, lab in zip(paths[sl], labels[sl], strict=True):
+            img = _decode(p)
+            if isinstance(img, str):
+                bad += 1
+                if rejected is not None:
+                    rejected.append({"path": str(p), "reason": img})
+            else:
+                good.append((img, lab))
+        yield good, bad
 
 
 def rows_at(good: list[tuple[np.ndarray, int]], res: int | Square | None, patch: int, seq_len: int) -> Rows:
@@ -324,18 +344,38 @@ def evaluate_folder(
     batch_rows: int = 8,
     chunk_images: int = 256,
 ) -> list[EvalResult]:
-    """Accuracy on an ImageFolder at each resolution; images decoded once per chunk."""
+    """Accuracy on an ImageFolder at each resolution; images decoded once per chunk. A file that
+    cannot be decoded is rejected with the packer's reason (each result's ``rejected``); NavitError
+    if none can be."""
     accs = [_Accumulator() for _ in resolutions]
-    skipped = 0
-    for good, bad in iter_folder_chunks(root, class_names, chunk_images):
-        skipped += bad
+    rejected: list[dict[str, str]] = []
+    evaluable = 0
+    for good, _bad in iter_folder_chunks(root, class_names, chunk_images, rejected):
+        evaluable += len(good)
         for acc, res in zip(accs, resolutions, strict=True):
-            for rows in _batched(rows_at(good, res, patch, seq_len), batch_rows):
-                acc.add(net, rows, device)
-    return [
-        acc.result("native" if r is None else str(r), skipped)
+            if good:
+                for rows in _batched(rows_at(good, res, patch, seq_len), batch_rows):
+                    acc.add(net, rows, device)
+    if not evaluable:
+        raise NavitError(
+            f"{root}: none of the {len(rejected)} images could be evaluated ({rejection_summary(rejected)})"
+        )
+    results = [
+        acc.result("native" if r is None else str(r), len(rejected))
         for acc, r in zip(accs, resolutions, strict=True)
     ]
+    for r in results:
+        r.rejected = rejected
+    return results
+
+
+def rejection_summary(rejected: list[dict[str, str]]) -> str:
+    """'2 corrupt or truncated image, 1 decompression bomb': counts by the reason's kind (the text
+    before its first colon), most frequent first."""
+    from collections import Counter
+
+    kinds = Counter(r["reason"].split(":", 1)[0] for r in rejected)
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def iter_pack_rows(data_dir: str, batch_rows: int, verify: bool = True) -> Iterator[Rows]:

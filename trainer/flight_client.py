@@ -70,6 +70,9 @@ def read_token_file(path: str | Path) -> str:
     return token
 
 
+_ACTION_RETRIES = 2  # extra tries of an action that found the connection closed (0.2 s, then 0.4 s)
+
+
 def _message(e: fl.FlightError | pa.ArrowException) -> str:
     """The server's one-line message without gRPC's debug context."""
     text = str(e).split(". Detail:")[0].split(". gRPC client debug context")[0]
@@ -119,10 +122,18 @@ class FlightDataClient:
 
     def _action(self, name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         payload = json.dumps(body or {}).encode()
-        try:
-            results = list(self._client.do_action(fl.Action(name, payload), options=self._action_options))
-        except (fl.FlightError, pa.ArrowException) as e:
-            raise self._error(e) from None
+        # navit's actions only read, so retrying is safe: a server that closed this connection (its
+        # idle timeout ended a stalled stream on it) answers UNAVAILABLE once while gRPC reconnects.
+        for attempt in range(_ACTION_RETRIES + 1):
+            try:
+                results = list(self._client.do_action(fl.Action(name, payload), options=self._action_options))
+                break
+            except fl.FlightUnavailableError as e:
+                if attempt == _ACTION_RETRIES:
+                    raise self._error(e) from None
+                time.sleep(0.2 * (attempt + 1))
+            except (fl.FlightError, pa.ArrowException) as e:
+                raise self._error(e) from None
         return json.loads(results[0].body.to_pybytes())
 
     def status(self) -> dict[str, Any]:

@@ -185,11 +185,13 @@ def prepare_init(path: str | Path, cfg: Any, source: Any, reset_head: bool) -> P
     )
     src = read_init_source(path, {k: v for k, v in overrides.items() if k in TIMM_GUESSED_FIELDS})
     allowed = RUNTIME_FIELDS | (TIMM_GUESSED_FIELDS if src.kind == "timm" else set())
-    refused = sorted(set(overrides) - allowed - {"num_classes"})
+    # Fields the source fixes may be repeated with the source's value (a run's own config file).
+    same = {k for k, v in overrides.items() if _plain(src.model_config.get(k)) == _plain(v)}
+    refused = sorted(set(overrides) - allowed - same - {"num_classes"})
     if refused:
         raise ConfigError(
-            f"model.overrides {refused} do not apply with --init-from (the architecture comes from "
-            f"{path}); allowed: {sorted(allowed)}"
+            f"model.overrides {refused} differ from {path}'s model and do not apply with --init-from "
+            f"(the architecture comes from it); allowed: {sorted(allowed)}"
         )
     mc = {**src.model_config, **{k: v for k, v in overrides.items() if k in allowed}}
     patch = int(mc["patch_size"])
@@ -214,6 +216,10 @@ def prepare_init(path: str | Path, cfg: Any, source: Any, reset_head: bool) -> P
             )
         need = head
     return PreparedInit(src, mc, need, reset_head, notes)
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
 
 
 def apply_freeze(model: torch.nn.Module, freeze: str) -> int:

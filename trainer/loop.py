@@ -33,8 +33,14 @@ from trainer.loggers import open_sinks
 from trainer.memory import check_memory
 from trainer.metrics import MetricsLogger
 from trainer.mixup import MixParams, mix_batch, mix_rng, soft_cross_entropy_sum
+from trainer.model_checks import check_attention_device
 from trainer.optim import build_optimizer, grad_norm
 from trainer.pending import PendingSteps
+from trainer.resume import load_for_resume, set_aside_newer
+from trainer.rundir import atomic_write_text, check_run_dir
+from trainer.runguard import current as current_stop
+from trainer.runguard import guarded
+from trainer.signals import StopNow, stopped
 from trainer.validate import Validation
 
 _COUNTS = ("images", "real_tokens", "tokens")  # HostBatch counts summed per step
@@ -64,25 +70,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     return torch.device(name)
-
-
-RUN_MARKERS = (ckpt.CKPT_DIR, "metrics.jsonl")  # what makes a folder a navit run (train writes both)
-
-
-def check_run_dir(run: Path, resume: bool) -> None:
-    """Refuse, in one line, an ``--out`` that cannot be a run directory: a file, a path under a file,
-    or a non-empty folder that is not a navit run (its files are not ours to mix a run into)."""
-    if run.exists() and not run.is_dir():
-        raise NavitError(f"--out {run}: is a file, not a directory")
-    parent = next((p for p in run.parents if p.exists()), None)
-    if not run.exists() and parent is not None and not parent.is_dir():
-        raise NavitError(f"--out {run}: {parent} is a file, not a directory")
-    ours = run.is_dir() and any((run / m).exists() for m in RUN_MARKERS)
-    if run.is_dir() and not resume and not ours and any(run.iterdir()):
-        raise NavitError(
-            f"--out {run}: a non-empty folder that is not a navit run (no {ckpt.CKPT_DIR}/ or "
-            "metrics.jsonl); choose a new or empty folder"
-        )
 
 
 def build_model(
@@ -120,12 +107,14 @@ def _data_fingerprint(source: BatchSource) -> str:
     return f"{ident} seq_len={source.seq_len} patch={source.patch_size}"
 
 
+@guarded(check_run_dir)  # --out lock, stale temp files, full disk, SIGTERM/SIGINT (trainer/runguard.py)
 def train(
     cfg: TrainConfig,
     source: BatchSource | Any,
     out: str | Path,
     *,
     resume: bool = False,
+    resume_from: str | None = None,
     stop_after: int | None = None,
     verbose: bool = True,
     class_names: list[str] | None = None,
@@ -140,15 +129,18 @@ def train(
     the schedule still targets ``cfg.schedule.steps``. ``val``: a held-out pack or image folder,
     evaluated every ``cfg.eval_every`` steps and at the end (trainer/validate.py).
     ``init_from``/``reset_head``: start a new run from existing weights (trainer/init_from.py;
-    ignored on resume, the run has its own)."""
+    ignored on resume, the run has its own). ``resume_from``: the checkpoint to resume from (step-N,
+    N or previous; trainer/resume.py), default the newest."""
     run = Path(out)
-    check_run_dir(run, resume)
     device = resolve_device(cfg.device)
+    check_attention_device(cfg.model.attention, cfg.model.overrides.get("attention"), device.type)
     info = init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     if callable(source) and not hasattr(source, "batches"):
         source = source(info)
+    stop = current_stop()
+    stop.install()  # again: a library started by the source (Ray, in live mode) may have taken SIGTERM
     existing = ckpt.list_checkpoints(run)
     if existing and not resume:
         raise NavitError(f"{run} already holds checkpoints: pass --resume to continue, or another --out")
@@ -165,7 +157,7 @@ def train(
 
     state: ckpt.Checkpoint | None = None
     if resume:
-        state = ckpt.load_checkpoint(existing[-1])
+        state = load_for_resume(run, resume_from)  # verified; a damaged one names the previous one
         diff = incompatible_fields(state.meta["config"], cfg.model_dump(mode="json"))
         if diff:
             raise NavitError(
@@ -180,6 +172,7 @@ def train(
         if state.meta.get("data") != _data_fingerprint(source):
             raise NavitError(f"--resume: {run} was trained on {state.meta.get('data')!r}, not on this data")
         num_classes = int(state.meta["model_config"].get("num_classes", num_classes))
+        aside = set_aside_newer(run, state.path) if info.is_main else []
 
     init = prepare_init(init_from, cfg, source, reset_head) if init_from and state is None else None
     num_classes = init.num_classes if init else num_classes
@@ -235,11 +228,13 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     for note in init.notes if init else []:
         log.message(f"note: --init-from: {note}")
-    frozen = f", {trainable / 1e6:.2f}M trainable" if trainable < n_params else ""
+    frozen = f", {trainable:,} trainable" if trainable < n_params else ""
     log.message(
         f"navit train: {cfg.model.preset} ({n_params / 1e6:.2f}M params{frozen}, {num_classes} classes) on "
         f"{device}{f' x{info.world_size}' if info.enabled else ''}, {source.description}, "
         f"{'resuming at step ' + str(step) if state else f'from {init_from}' if init else 'from scratch'}"
+        f"{'' if state is None or state.verified else ' (its checkpoint predates digests: not verified)'}"
+        f"{'; set aside the newer checkpoints as ' + ', '.join(aside) if state and aside else ''}"
     )
     log.event({"event": "resume" if state else "start", "step": step, "config": cfg.model_dump(mode="json")})
 
@@ -303,15 +298,21 @@ def train(
     start_step = step
     losses: list[float] = []
     pending = PendingSteps()
-    last_ckpt: Path | None = existing[-1] if existing else None
+    last_ckpt: Path | None = state.path if state is not None else None
+    saved_at = step  # the step of the newest checkpoint (on every rank: they must agree to save)
     end = cfg.schedule.steps if stop_after is None else min(stop_after, cfg.schedule.steps)
     mix = MixParams(**cfg.mix.model_dump())
     net.train()
     try:
-        while step < end:
+        # Under DDP the ranks agree on a stop at the steps that sync anyway (every log_every steps).
+        while step < end and not stop.requested(info, device, collective=step % cfg.log_every == 0):
             # ---- data (timed: the data-wait fraction is this over the step's wall time) ----
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
+            try:
+                with stop.waiting():  # a signal here stops at once: this batch is in no step yet
+                    micro = [next(batches) for _ in range(accum)]
+            except StopNow:
+                break
             on_dev = [hb.to(device, host_layout=host_layout) for hb in micro]
             wait = time.perf_counter() - t0
             # Counts from the host copies: known without reading anything back from the device.
@@ -369,13 +370,17 @@ def train(
                 ema_module = ema.module if ema is not None else None
                 validation.run(step, model, ema_module, device, log, lambda at, m: save(at, ckpt.BEST, m))
             if ckpt_due:
-                last_ckpt = save(step) or last_ckpt
+                last_ckpt, saved_at = save(step) or last_ckpt, step
         sync()
-        if step > start_step and (not existing or step != int(existing[-1].name.split("-")[1])):
-            last_ckpt = save(step) or last_ckpt
+        if step > saved_at:  # the end, a stop_after, or SIGTERM/SIGINT
+            last_ckpt, saved_at = save(step) or last_ckpt, step
     finally:
         with contextlib.suppress(Exception):
             batches.close()  # type: ignore[attr-defined]
+    if stop.signum is not None:  # SIGTERM/SIGINT: the checkpoint of this step is saved; say so
+        log.close()
+        saved = run / ckpt.CKPT_DIR / f"step-{step:08d}" if step > start_step else None
+        raise stopped(stop.signum, step, saved, last_ckpt)
 
     wall = time.perf_counter() - t_start
     final = log.last or {}
@@ -398,7 +403,7 @@ def train(
         summary = {k: v for k, v in asdict(result).items() if k != "losses"}
         if best is not None:
             summary["best_checkpoint"] = str(run / ckpt.CKPT_DIR / ckpt.BEST)
-        (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
         log.event({"event": "summary", **summary})
         pad = 1 - result.real_tokens / result.tokens if result.tokens else 0.0
         log.message(

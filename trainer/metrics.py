@@ -202,9 +202,13 @@ def rewind_metrics(run_dir: str | Path, step: int) -> int:
         keep.append(line)
     if dropped:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave the old file, and no temp file
+            raise
     return dropped

@@ -149,16 +149,22 @@ def live_source(
     pin_memory: bool = False,
     ray_address: str | None = None,
     workers: int | None = None,
+    rejected: Any = None,
 ) -> RecordBatchSource:
     """Live mode: the packing pipeline runs on Ray and its rows stream straight into the trainer.
 
     This process is the Ray driver (planning, a few MB of metadata); Ray worker processes decode and
     pack whole shards; the rows come back as Arrow buffers. Training epoch ``e`` is pack epoch ``e``
     (fresh resolution and drop draws every epoch). Under DDP each rank builds every W-th shard of the
-    same deterministic plan. Ray is imported here, never at import time."""
+    same deterministic plan. Ray is imported here, never at import time. ``rejected``: a
+    :class:`trainer.live_rejects.RejectedLog` that receives every input not packed."""
     from packer.build import execute
     from packer.build.layout import shard_tasks
+    from packer.ray_runtime import ensure_ray
 
+    # Ray starts here, in the calling (main) thread, not later in the producer thread: the trainer
+    # then takes SIGTERM/SIGINT back from Ray (whose handler would print a C-level stack dump).
+    ensure_ray(ray_address)
     plan0 = execute.plan_epoch(images, pack_config, 0, ray_address=ray_address, workers=workers)
     labels = np.asarray(getattr(plan0, "label", np.zeros(0)), dtype=np.int64)
     classes = list(getattr(plan0, "classes", []) or [])
@@ -168,16 +174,25 @@ def live_source(
         plan = (
             plan0 if epoch == 0 else execute.plan_epoch(images, pack_config, epoch, ray_address=ray_address)
         )
+        if rejected is not None and rank == 0:
+            rejected.add_plan(plan, epoch)
         if world_size == 1:
+
+            def on_shard(result: Any) -> None:
+                if rejected is not None:
+                    rejected.add_shard(plan, epoch, result.rejections)
+
             yield from execute.stream_epoch(
-                plan, pack_config, epoch, workers=workers, ray_address=ray_address
+                plan, pack_config, epoch, workers=workers, ray_address=ray_address, on_shard=on_shard
             )
             return
         tasks = shard_tasks(plan, pack_config.seed, execute.resolved_shard_rows(pack_config))
         mine = tasks[rank::world_size]
-        for _meta, data in execute.run_shard_tasks(
+        for meta, data in execute.run_shard_tasks(
             mine, pack_config, out=None, return_data=True, workers=workers, ray_address=ray_address
         ):
+            if rejected is not None:
+                rejected.add_shard(plan, epoch, meta["rejections"])
             pf = pq.ParquetFile(pa.BufferReader(data))
             for g in range(pf.num_row_groups):
                 yield from pf.read_row_group(g).combine_chunks().to_batches()

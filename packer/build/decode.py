@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile
 
+from packer import members
 from packer.config import DecodeConfig
 from packer.imagefile import (
     EXIF_ORIENTATION,
@@ -83,9 +84,12 @@ class Tokens:
 
 
 def read_bytes(path: str) -> bytes:
-    """A local path or a URI (s3://bucket/key, gs://…) → its bytes; DecodeError if unreadable or empty."""
+    """A local path, a URI (s3://bucket/key, gs://…) or a tar member / Parquet row locator
+    (packer.members) → its bytes; DecodeError if unreadable or empty."""
     try:
-        if "://" in path and not path.startswith("file://"):
+        if members.is_locator(path):
+            data = members.read_bytes(path)
+        elif "://" in path and not path.startswith("file://"):
             from packer.storage import object_filesystem
 
             fs, key = object_filesystem(path)  # the environment's endpoint/credentials (packer.storage)
@@ -97,6 +101,8 @@ def read_bytes(path: str) -> bytes:
                 data = f.read()
     except OSError as e:
         raise DecodeError(unreadable_reason(e)) from None
+    except members.MemberError as e:
+        raise DecodeError(e.reason) from None
     if not data:
         raise DecodeError("zero-byte file")
     return data

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from packer import members as containers
 from packer import schema
 from packer.build.decode import DecodeError, decode_tokens
 from packer.config import PackConfig
@@ -123,6 +124,8 @@ def build_shard(task_json: str, cfg: PackConfig) -> tuple[pa.Table, ShardResult]
     pos_w = np.zeros((n_rows, seq_len), np.int16)
     seg_cols: dict[str, list[np.ndarray]] = {name: [] for name in schema.SEGMENT_COLUMNS}
     result = ShardResult(shard=int(task["shard"]), epoch=epoch, rows=n_rows, images=0, real_tokens=0)
+    # Parquet rows: each row group read once for the whole shard (containers.read_many).
+    prefetched = containers.read_many(m["path"] for row in rows for m in row)
     for r, members in enumerate(rows):
         cursor = 0
         ids, labels, ghs, gws, fulls = [], [], [], [], []
@@ -131,8 +134,13 @@ def build_shard(task_json: str, cfg: PackConfig) -> tuple[pa.Table, ShardResult]
             if cursor + nk > seq_len:  # a plan that violates its own contract: fail loudly
                 raise RuntimeError(f"shard {task['shard']} row {r}: {cursor + nk} tokens > seq_len {seq_len}")
             try:
+                source = prefetched.get(m["path"], m["path"])
+                if isinstance(source, containers.MemberError):
+                    raise DecodeError(source.reason)
+                if isinstance(source, bytes) and not source:
+                    raise DecodeError("zero-byte file")
                 t = decode_tokens(
-                    m["path"],
+                    source,
                     grid_h=gh,
                     grid_w=gw,
                     patch_size=p,

@@ -13,6 +13,7 @@ cluster or starting embedded Ray; results sorted by image_id, so worker count do
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from packer import members
 from packer.imagefile import (
     EXIF_ORIENTATION,
     ImageHeaderError,
@@ -37,6 +39,7 @@ from packer.localfile import open_regular
 RAY_MIN_LOCAL_FILES = 50_000
 RAY_MIN_REMOTE_FILES = 1_000
 _BATCH = 256  # files per Ray Data batch
+_PREFETCH = 64  # remote tar members fetched together (memory: 64 members' bytes)
 
 
 class HeaderError(Exception):
@@ -66,7 +69,11 @@ class Headers:
         return np.array([not r for r in self.reason], dtype=bool)
 
 
-def _open_stream(path: str) -> Any:
+def _open_stream(path: str | bytes, cache: members.ContainerCache | None = None) -> Any:
+    if isinstance(path, bytes):  # a member's bytes, already fetched
+        return io.BytesIO(path)
+    if members.is_locator(path):  # a tar member (only its bytes are read) or a Parquet row
+        return members.open_stream(path, cache or members.ContainerCache())
     if "://" in path and not path.startswith("file://"):
         from packer.storage import object_filesystem
 
@@ -94,13 +101,18 @@ def _orientation(img: Image.Image) -> int:
     return o if 1 <= o <= 8 else 1
 
 
-def read_header(path: str, max_pixels: int) -> tuple[int, int, int, str]:
+def read_header(
+    path: str | bytes, max_pixels: int, cache: members.ContainerCache | None = None
+) -> tuple[int, int, int, str]:
     """(width, height, orientation, format) of one file, width/height as displayed (after EXIF
-    orientation). Raises HeaderError with the reason. Reads only the header bytes."""
+    orientation). Raises HeaderError with the reason. Reads only the header bytes (a Parquet row:
+    its row group's image column, through ``cache``)."""
     try:
-        f = _open_stream(path)
+        f = _open_stream(path, cache)
     except OSError as e:
         raise HeaderError(unreadable_reason(e)) from None
+    except members.MemberError as e:
+        raise HeaderError(e.reason) from None
     with f:
         try:
             head = f.read(16)
@@ -138,16 +150,29 @@ def _scan_rows(image_ids: np.ndarray, paths: Sequence[str], max_pixels: int) -> 
         "format": [""] * n,
         "reason": [""] * n,
     }
-    for i, p in enumerate(paths):
-        try:
-            w, h, o, fmt = read_header(p, max_pixels)
-        except HeaderError as e:
-            out["reason"][i] = e.reason
-            continue
-        except Exception as e:  # never lose an image to an unexpected decoder error: record it
-            out["reason"][i] = f"corrupt image header: {type(e).__name__}: {one_line(e)}"
-            continue
-        out["width"][i], out["height"][i], out["orientation"][i], out["format"][i] = w, h, o, fmt
+    # Container reads in file order (tar offsets, Parquet row groups): each shard opened once, each
+    # row group read once; members of remote tar shards fetched PREFETCH at a time in merged ranged
+    # reads (a request per member costs more than the bytes).
+    order = sorted(range(n), key=lambda j: members.order_key(paths[j]))
+    prefetched: dict[str, Any] = {}
+    with members.ContainerCache() as cache:
+        for k, i in enumerate(order):
+            if k % _PREFETCH == 0:
+                chunk = [paths[j] for j in order[k : k + _PREFETCH]]
+                remote_tar = [p for p in chunk if p.startswith(members.TAR) and members.is_remote(p)]
+                prefetched = members.read_many(remote_tar)
+            try:
+                got = prefetched.get(paths[i])
+                if isinstance(got, members.MemberError):
+                    raise HeaderError(got.reason)
+                w, h, o, fmt = read_header(paths[i] if got is None else got, max_pixels, cache)
+            except HeaderError as e:
+                out["reason"][i] = e.reason
+                continue
+            except Exception as e:  # never lose an image to an unexpected decoder error: record it
+                out["reason"][i] = f"corrupt image header: {type(e).__name__}: {one_line(e)}"
+                continue
+            out["width"][i], out["height"][i], out["orientation"][i], out["format"][i] = w, h, o, fmt
     return out
 
 
@@ -180,7 +205,9 @@ def scan_headers(
     caps the CPUs (embedded Ray) and the concurrent tasks."""
     ids = np.asarray(image_ids, np.int64)
     if use_ray is None:
-        remote = len(paths) > 0 and "://" in paths[0] and not paths[0].startswith("file://")
+        first = members.parse(paths[0]) if paths else None
+        where = paths[0] if first is None else getattr(first, "shard", getattr(first, "file", ""))
+        remote = len(paths) > 0 and "://" in where and not where.startswith("file://")
         threshold = RAY_MIN_REMOTE_FILES if remote else RAY_MIN_LOCAL_FILES
         use_ray = ray_address is not None or len(paths) >= threshold
     if not use_ray or len(paths) == 0:
@@ -199,6 +226,12 @@ def scan_headers(
     batch = int(min(_BATCH, max(16, -(-len(paths) // (4 * cpus)))))
     # Paths travel as bytes: a file name that is not valid UTF-8 (surrogate-escaped in Python) has
     # no Arrow string form.
+    # Batches follow container order (tar shard + offset, Parquet row group), so a batch reads
+    # neighbouring members and each Parquet row group is read by few batches; results are re-sorted
+    # by image_id below.
+    by_container = sorted(range(len(paths)), key=lambda j: members.order_key(paths[j]))
+    ids = ids[by_container]
+    paths = [paths[j] for j in by_container]
     raw_paths = [p.encode("utf-8", "surrogateescape") for p in paths]
     table = pa.table({"image_id": pa.array(ids, pa.int64()), "path": pa.array(raw_paths, pa.binary())})
     ds = ray.data.from_arrow([table.slice(s, batch) for s in range(0, len(paths), batch)])

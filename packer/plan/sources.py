@@ -30,6 +30,7 @@ import numpy as np
 from packer.config import SourceConfig
 from packer.errors import NavitError
 from packer.localfile import file_kind
+from packer.plan import containers, source_parquet, source_wds
 from packer.plan.types import Rejection
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
@@ -107,8 +108,18 @@ def _split_uri(source: str) -> tuple[object, str, str]:
 
 
 def list_source(source: str, cfg: SourceConfig | None = None) -> Listing:
-    """List the inputs of ``source`` (directory, manifest file, or URI of either)."""
+    """List the inputs of ``source`` (directory, manifest file, WebDataset tar shards, Parquet image
+    files, or URI of any; ``source.format`` picks the layout or 'auto' recognises it)."""
     cfg = cfg or SourceConfig()
+    kind = container_kind(source, cfg)
+    if kind is not None:
+        check_source(source)
+        files = (
+            containers.pattern_files(source)
+            if containers.is_pattern(source)
+            else containers.single_file(source)
+        )
+        return _list_containers(kind, source, files, cfg, [])
     if source.lower().endswith(MANIFEST_SUFFIXES):
         check_source(source)
         return list_manifest(source, cfg)
@@ -118,15 +129,81 @@ def list_source(source: str, cfg: SourceConfig | None = None) -> Listing:
     return _list_local_dir(source, cfg)
 
 
+def container_kind(source: str, cfg: SourceConfig) -> str | None:
+    """'wds' / 'parquet' when ``source`` names container files itself (one file or a pattern), else
+    None (folders are recognised once listed: :func:`_by_format`)."""
+    lower = source.lower().rstrip("/")
+    if cfg.format in ("folder", "manifest"):
+        return None
+    if lower.endswith(".tar") and cfg.format in ("auto", "wds"):
+        return "wds"
+    if containers.is_pattern(source):
+        if cfg.format != "auto":
+            return cfg.format
+        if lower.endswith(".tar"):
+            return "wds"
+        if lower.endswith(".parquet"):
+            return "parquet"
+        raise NavitError(f"source {source}: a pattern must end in .tar or .parquet (or set source.format)")
+    if not lower.endswith(".parquet"):
+        return None
+    if cfg.format == "parquet" or (_exists(source) and source_parquet.has_image_column(source, cfg)):
+        return "parquet"
+    return None
+
+
+def _exists(source: str) -> bool:
+    return _is_uri(source) or os.path.isfile(source)
+
+
+def _list_containers(kind: str, source: str, files: list[tuple[str, str]], cfg: SourceConfig, skipped: list):
+    if not files:
+        raise NavitError(f"source {source}: no .{'tar' if kind == 'wds' else 'parquet'} files found")
+    if kind == "wds":
+        return source_wds.list_wds(source, files, cfg, skipped)
+    return source_parquet.list_parquet(source, files, cfg, skipped)
+
+
+def _by_format(
+    source: str, found: list[tuple[str, str]], cfg: SourceConfig, skipped: list[Skipped], unlisted=()
+) -> Listing:
+    """A listed folder as what it holds: image files (ImageFolder), or — with source.format 'wds' /
+    'parquet', or 'auto' and no image file but .tar / .parquet files — container files."""
+    kind = cfg.format if cfg.format in ("wds", "parquet") else None
+    if cfg.format == "auto" and not any(_has_ext(rel, cfg.extensions) for rel, _ in found):
+        if any(rel.lower().endswith(".tar") for rel, _ in found):
+            kind = "wds"
+        elif any(rel.lower().endswith(".parquet") for rel, _ in found):
+            kind = "parquet"
+    if kind is None:
+        return _from_files(source, found, cfg, skipped, unlisted)
+    suffix = ".tar" if kind == "wds" else ".parquet"
+    files = []
+    for rel, path in sorted(found):
+        if not cfg.follow_hidden and _is_hidden(rel):
+            skipped.append(Skipped(path, "hidden file"))
+        elif rel.lower().endswith(suffix):
+            files.append((rel, path))
+        else:
+            skipped.append(Skipped(path, f"not a {suffix} file"))
+    if unlisted:
+        raise NavitError(f"source {source}: cannot list {unlisted[0][0]} ({unlisted[0][2]})")
+    return _list_containers(kind, source, files, cfg, skipped)
+
+
 def check_source(source: str) -> None:
-    """A local source must exist and be a folder or a manifest; NavitError (one line) otherwise.
-    Cheap (one stat), so `navit pack` checks it before touching --out. URIs are checked when listed."""
+    """A local source must exist and be a folder, a manifest, a .tar / .parquet file or a pattern
+    naming existing ones; NavitError (one line) otherwise. Cheap (one stat), so `navit pack` checks
+    it before touching --out. URIs are checked when listed."""
     if _is_uri(source):
+        return
+    if containers.is_pattern(source):
+        containers.pattern_files(source)  # every file a brace names must exist; a glob must match
         return
     if not os.path.exists(source):
         raise NavitError(f"source not found: {source}")
     mode = os.stat(source).st_mode
-    if source.lower().endswith(MANIFEST_SUFFIXES):
+    if source.lower().endswith(MANIFEST_SUFFIXES + (".tar",)):
         if not stat.S_ISREG(mode):  # a FIFO would block the reader
             raise NavitError(f"source {source}: not a regular file: {file_kind(mode)}")
     elif not stat.S_ISDIR(mode):
@@ -163,7 +240,7 @@ def _list_local_dir(source: str, cfg: SourceConfig) -> Listing:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             found.append((rel_dir + name, os.path.join(dirpath, name)))
-    return _from_files(source, found, cfg, skipped, unlisted)
+    return _by_format(source, found, cfg, skipped, unlisted)
 
 
 def _list_uri_dir(source: str, cfg: SourceConfig) -> Listing:
@@ -184,7 +261,7 @@ def _list_uri_dir(source: str, cfg: SourceConfig) -> Listing:
         raise NavitError(f"source {source}: cannot list ({str(e).splitlines()[0]})") from None
     base_s = base.rstrip("/")
     found = [(i.path[len(base_s) + 1 :], prefix + i.path) for i in infos if i.type == pafs.FileType.File]
-    return _from_files(source, found, cfg, [])
+    return _by_format(source, found, cfg, [])
 
 
 def _from_files(
