@@ -120,3 +120,23 @@ def test_bad_val_is_one_line(tmp_path, data, capsys):
     src = lambda info: open_source(str(data["pack"]), batch_size=4, seed=0)  # noqa: E731
     with pytest.raises(NavitError, match="no images|not classes"):
         train(cfg, src, tmp_path / "r2", verbose=False, val=str(tmp_path / "odd"))
+
+
+def test_val_folder_files_that_cannot_be_scored_are_listed_with_reasons(tmp_path, data):
+    import shutil
+
+    folder = tmp_path / "heldout"
+    shutil.copytree(data["folder"], folder)
+    cls = sorted(p for p in folder.iterdir() if p.is_dir())[0]
+    (cls / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    cfg = tiny_train_config(**{"schedule.steps": 2, "eval_every": 0})
+    src = lambda info: open_source(str(data["pack"]), batch_size=4, seed=0)  # noqa: E731
+    run = tmp_path / "r"
+    train(cfg, src, run, verbose=False, val=str(folder))
+    (val,) = _records(run)
+    assert val["val_images"] == 40 and val["val_skipped"] == 1
+    (rec,) = [json.loads(line) for line in (run / "val_rejected.jsonl").read_text().splitlines()]
+    assert rec["path"].endswith("broken.png") and rec["reason"]
+    # a clean held-out folder: the list exists and is empty
+    train(cfg, src, tmp_path / "r2", verbose=False, val=str(data["folder"]))
+    assert (tmp_path / "r2" / "val_rejected.jsonl").read_text() == ""

@@ -35,7 +35,9 @@ from trainer.evaluate import (
     parse_resolutions,
     rows_at,
 )
+from trainer.rundir import atomic_write_text
 
+REJECTED_FILE = "val_rejected.jsonl"  # RUN/…: the --val folder's files that could not be scored
 BATCH_ROWS = 8  # navit eval's default --batch-rows: the same batches give the same numbers
 
 
@@ -65,6 +67,7 @@ class Validator:
     ) -> None:
         self.spec, self.batch_rows = spec, batch_rows
         self.skipped = 0
+        self.rejected: list[dict[str, str]] = []  # a folder's files that cannot be scored, with reasons
         self._cached: list[HostBatch] | None = None
         if is_pack(spec):
             from trainer.shards import open_shard_set
@@ -81,7 +84,7 @@ class Validator:
             self.resolution = "native" if res is None else str(res)
             self._cached = []
             labels_max = -1
-            for good, bad in iter_folder_chunks(spec, class_names):
+            for good, bad in iter_folder_chunks(spec, class_names, rejected=self.rejected):
                 self.skipped += bad
                 labels_max = max([labels_max, *(lab for _, lab in good)])
                 for rows in _batched(rows_at(good, res, patch_size, seq_len), batch_rows):
@@ -139,7 +142,7 @@ def val_record(step: int, res: EvalResult, ema: EvalResult | None, best: BestSoF
         "val_loss": res.loss,
         "val_images": res.images,
         "val_resolution": res.resolution,
-        "val_skipped": res.skipped,  # undecodable files of the folder (not scored)
+        "val_skipped": res.skipped,  # files of the folder not scored (each in RUN/val_rejected.jsonl)
     }
     if ema is not None:
         rec.update({"ema_val_top1": ema.top1, "ema_val_top5": ema.top5, "ema_val_loss": ema.loss})
@@ -152,7 +155,7 @@ def val_line(rec: dict[str, Any], total: int) -> str:
     line = (
         f"val  {rec['step']:>6}/{total}  top-1 {rec['val_top1']:.3f}  top-5 {rec['val_top5']:.3f}  "
         f"loss {rec['val_loss']:.4f}  ({rec['val_images']} images, {rec['val_resolution']}"
-        + (f"; {rec['val_skipped']} undecodable files skipped)" if rec["val_skipped"] else ")")
+        + (f"; {rec['val_skipped']} not scored, see {REJECTED_FILE})" if rec["val_skipped"] else ")")
     )
     if "ema_val_top1" in rec:
         line += f"  EMA top-1 {rec['ema_val_top1']:.3f} loss {rec['ema_val_loss']:.4f}"
@@ -183,10 +186,15 @@ class Validation:
             resolution=cfg.eval_resolution,
         )
         self.best = BestSoFar.of_run(run) if resume else BestSoFar()
+        # Every held-out file is scored or listed with its reason (an empty list: none refused).
+        lines = "".join(json.dumps(r) + "\n" for r in self.validator.rejected)
+        atomic_write_text(run / REJECTED_FILE, lines)
 
     def describe(self) -> str:
         when = f"every {self.every} steps and at the end" if self.every else "at the end"
-        return f"validation: {self.spec} ({self.validator.resolution}), {when}"
+        refused = len(self.validator.rejected)
+        listed = f"; {refused} files not scored, listed in {REJECTED_FILE}" if refused else ""
+        return f"validation: {self.spec} ({self.validator.resolution}), {when}{listed}"
 
     def due(self, step: int, end: int) -> bool:
         return step == end or bool(self.every and step % self.every == 0)
