@@ -58,6 +58,84 @@ def _describe(info: dict[str, Any] | None) -> str:
     return f"{cmd} (pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')})"
 
 
+class LockHeld(Exception):
+    """:func:`flock_file`: another open file description holds the lock. ``holder`` is the record
+    its holder wrote into the file (None if unreadable); ``changing``: the file kept being replaced."""
+
+    def __init__(self, holder: dict[str, Any] | None, changing: bool = False) -> None:
+        super().__init__("locked by another process")
+        self.holder, self.changing = holder, changing
+
+
+class LockFailed(Exception):
+    """:func:`flock_file`: the filesystem refused the flock itself (``error``), e.g. no lock support."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def flock_file(path: str | Path, *, create: bool = True) -> int | None:
+    """Open ``path`` and take an exclusive ``flock`` on it without waiting; the returned descriptor
+    holds the lock until it is closed (see :func:`unlock_file`).
+
+    ``create=False`` locks only a file that already exists (None when there is none). Raises
+    LockHeld when another process holds it, LockFailed when the flock is refused, and the OSError of
+    ``open`` otherwise. Shared by :class:`DirLock` (a run folder) and packer.build.outlock (a pack)."""
+    for _ in range(10):  # retried only when a holder removed the file between open and lock
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_record(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockHeld(holder) from None
+            raise LockFailed(e) from None
+        # The holder we waited on may have unlinked the file after we opened it: then we hold a
+        # lock on a file nobody else can see, so start again with the file now at ``path``.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+        if not create:
+            return None
+    raise LockHeld(None, changing=True)
+
+
+def write_record(fd: int, record: dict[str, Any], **dumps: Any) -> None:
+    """Replace the lock file's content with ``record`` (one JSON line). Informational only (the
+    flock is the lock): a full disk may refuse it, which is fine."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record, **dumps) + "\n").encode(), 0)
+
+
+def unlock_file(fd: int, path: str | Path) -> None:
+    """Remove the lock file while still holding it, then drop the lock by closing ``fd``: a process
+    that opened the old file re-checks the inode after locking and starts again (flock_file)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _read_record(fd: int) -> dict[str, Any] | None:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class DirLock:
     """Exclusive lock on a directory; see the module docstring. ``flag`` names the option the
     directory came from (for messages), ``what`` the command holding it."""
@@ -94,37 +172,26 @@ class DirLock:
                 _held[self._key] = (outer, depth + 1)
                 self._fd = -1
                 return
-        path = d / LOCK_NAME
-        for _ in range(10):  # retried only when a holder removed the file between open and lock
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                self._undo_dir()
-                raise NavitError(f"{self.flag} {d}: cannot create its lock file ({_why(e)})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise DirLockedError(
-                        f"{self.flag} {d}: in use by {_describe(holder_info(d))}; wait for it to finish, "
-                        "stop it, or use another folder"
-                    ) from None
-                self._undo_dir()
-                raise NavitError(
-                    f"{self.flag} {d}: cannot lock it ({_why(e)}; locks need a local filesystem)"
+        try:
+            fd = flock_file(d / LOCK_NAME)
+        except LockHeld as e:
+            if e.changing:
+                raise DirLockedError(
+                    f"{self.flag} {d}: its lock file keeps changing; another process uses it"
                 ) from None
-            # The holder we waited on may have unlinked the file after we opened it: then we hold a
-            # lock on a file nobody else can see, so start again with the new one.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        else:
-            raise DirLockedError(f"{self.flag} {d}: its lock file keeps changing; another process uses it")
+            raise DirLockedError(
+                f"{self.flag} {d}: in use by {_describe(e.holder)}; wait for it to finish, "
+                "stop it, or use another folder"
+            ) from None
+        except LockFailed as e:
+            self._undo_dir()
+            raise NavitError(
+                f"{self.flag} {d}: cannot lock it ({_why(e.error)}; locks need a local filesystem)"
+            ) from None
+        except OSError as e:
+            self._undo_dir()
+            raise NavitError(f"{self.flag} {d}: cannot create its lock file ({_why(e)})") from None
+        assert fd is not None  # created when missing
         self._fd = fd
         self._write_holder(fd)
         with _held_mu:
@@ -137,10 +204,7 @@ class DirLock:
             "what": self.what,
             "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         }
-        # Informational only (the flock is the lock): a full disk may refuse it, which is fine.
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        write_record(fd, info)
 
     def release(self) -> None:
         if self._fd is None:
@@ -154,11 +218,7 @@ class DirLock:
             _held.pop(self._key, None)
         fd, self._fd = self._fd, None
         if fd >= 0:
-            # Unlink while still holding the lock: a process that opened the old file re-checks the
-            # inode after locking and starts again (see acquire).
-            with contextlib.suppress(OSError):
-                os.unlink(self.directory / LOCK_NAME)
-            os.close(fd)
+            unlock_file(fd, self.directory / LOCK_NAME)
             self._undo_dir()
 
     def _undo_dir(self) -> None:

@@ -13,15 +13,14 @@ writers").
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
 import os
 import socket
 import time
+from typing import Any
 
 import pyarrow.fs as pafs
 
+from packer.dirlock import LockFailed, LockHeld, flock_file, unlock_file, write_record
 from packer.errors import NavitError
 
 LOCK_NAME = "lock"
@@ -38,60 +37,38 @@ class OutLock:
         """Lock ``state_dir/lock``, or raise NavitError (one line) naming the run that holds it.
 
         ``create=False`` only locks a lock file that already exists (None when there is none), so
-        that a directory navit is about to refuse is not written into. Not local disk: None."""
+        that a directory navit is about to refuse is not written into. Not local disk: None.
+        Not re-entrant: a second take in the same process is refused like another process's."""
         if not isinstance(fs, pafs.LocalFileSystem):
             return None
-        import fcntl
-
         path = os.path.join(state_dir, LOCK_NAME)
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-            except FileNotFoundError:
-                return None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = _read_holder(fd)
-                os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise NavitError(
-                        f"--out {out}: another navit pack is writing there ({holder}); "
-                        "wait for it to finish, or use another --out"
-                    ) from None
-                raise
-            # The file may have been removed (a failed run cleaning up) between open and flock:
-            # then this lock guards nothing, so take the lock again on the file now at ``path``.
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-            if not create:
-                return None
+        try:
+            fd = flock_file(path, create=create)
+        except LockHeld as e:
+            raise NavitError(
+                f"--out {out}: another navit pack is writing there ({_describe(e.holder)}); "
+                "wait for it to finish, or use another --out"
+            ) from None
+        except LockFailed as e:
+            raise e.error from None
+        if fd is None:
+            return None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": int(time.time())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record, sort_keys=True) + "\n").encode(), 0)
+        write_record(fd, record, sort_keys=True)
         return cls(fd, path)
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (closing the descriptor). A run that opened
         the file just before it went sees, once it holds the lock, that the path is gone and
-        locks a new file instead (see :meth:`take`)."""
+        locks a new file instead (packer.dirlock.flock_file)."""
         if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            with contextlib.suppress(OSError):
-                os.close(self.fd)  # closing the last descriptor drops the flock
+            unlock_file(self.fd, self.path)
             self.fd = -1
 
 
-def _read_holder(fd: int) -> str:
+def _describe(rec: dict[str, Any] | None) -> str:
     try:
-        rec = json.loads(os.pread(fd, 4096, 0) or b"{}")
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(rec["since"])))
         return f"pid {int(rec['pid'])} on {rec['host']}, since {since}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # no record yet (None), or a partial one
         return "its pid is not recorded yet"
