@@ -108,6 +108,30 @@ def labels_from_values(values: list[int | str | None], where: str) -> tuple[np.n
     return np.asarray(out, dtype=np.int64).reshape(len(values)), names
 
 
+def container_listing(
+    source: str, rows: list[tuple], reasons: list[str], skipped: list, labels_kind: str
+):  # -> Listing
+    """The Listing of a tar or Parquet source from its sorted sample rows ``(key, …, path, raw label)``
+    (path at [3], label at [4]) and each row's rejection reason ("" = accepted)."""
+    from packer.plan.sources import Listing
+    from packer.plan.types import Rejection
+
+    if labels_kind == "none":
+        labels, classes = np.full(len(rows), -1, np.int64), []
+    else:
+        labels, classes = labels_from_values([r[4] for r in rows], f"source {source}")
+    rejected = [Rejection(i, rows[i][3], reasons[i], int(labels[i])) for i in range(len(rows)) if reasons[i]]
+    return Listing(
+        source=source,
+        paths=[r[3] for r in rows],
+        keys=[r[0] for r in rows],
+        labels=labels,
+        classes=classes,
+        rejected=rejected,
+        skipped=sorted(skipped, key=lambda s: s.path),
+    )
+
+
 def names_containers(source: str) -> bool:
     """Whether ``source`` names tar shards or Parquet files itself (a .tar / .parquet file or a
     pattern): commands that take a pack directory *or* an image source tell them apart with it."""

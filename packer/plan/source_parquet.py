@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import posixpath
 
-import numpy as np
-
 from packer import members
 from packer.config import SourceConfig
 from packer.errors import NavitError
-from packer.plan.containers import labels_from_values
-from packer.plan.types import Rejection
+from packer.plan.containers import container_listing
 
 
 def _image_kind(field_type, name: str, where: str) -> bool:
@@ -118,8 +115,6 @@ def _read_file(rel: str, location: str, cfg: SourceConfig, file_no: int, rows: l
 
 
 def list_parquet(source: str, files: list[tuple[str, str]], cfg: SourceConfig, skipped: list):  # -> Listing
-    from packer.plan.sources import Listing
-
     rows: list[tuple[str, int, int, str, int | str | None]] = []
     damaged: dict[int, str] = {}
     for n, (rel, location) in enumerate(files):
@@ -133,17 +128,4 @@ def list_parquet(source: str, files: list[tuple[str, str]], cfg: SourceConfig, s
     for i in range(1, len(rows)):
         if rows[i][0] == rows[i - 1][0] and not reasons[i]:
             reasons[i] = f"duplicate key: also {members.describe(rows[i - 1][3])}"
-    if cfg.labels == "none":
-        labels, classes = np.full(len(rows), -1, np.int64), []
-    else:
-        labels, classes = labels_from_values([r[4] for r in rows], f"source {source}")
-    rejected = [Rejection(i, rows[i][3], reasons[i], int(labels[i])) for i in range(len(rows)) if reasons[i]]
-    return Listing(
-        source=source,
-        paths=[r[3] for r in rows],
-        keys=[r[0] for r in rows],
-        labels=labels,
-        classes=classes,
-        rejected=rejected,
-        skipped=sorted(skipped, key=lambda s: s.path),
-    )
+    return container_listing(source, rows, reasons, skipped, cfg.labels)

@@ -27,12 +27,9 @@ import posixpath
 import tarfile
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from packer import members
 from packer.config import SourceConfig
-from packer.plan.containers import labels_from_values
-from packer.plan.types import Rejection
+from packer.plan.containers import container_listing
 
 _REMOTE_BUFFER = 8 << 20
 _BLOCK = 512
@@ -138,7 +135,7 @@ def read_shard(location: str, cfg: SourceConfig) -> tuple[list[_Sample], str]:
 
 
 def list_wds(source: str, files: list[tuple[str, str]], cfg: SourceConfig, skipped: list):  # -> Listing
-    from packer.plan.sources import Listing, Skipped
+    from packer.plan.sources import Skipped
 
     rows: list[
         tuple[str, int, int, str, int | str | None, str]
@@ -165,18 +162,4 @@ def list_wds(source: str, files: list[tuple[str, str]], cfg: SourceConfig, skipp
     for i in range(1, len(rows)):
         if rows[i][0] == rows[i - 1][0] and not rows[i][0].endswith("/"):
             reasons[i] = reasons[i] or f"duplicate key: also in {files[rows[i - 1][1]][1]}"
-    if cfg.labels == "none":
-        labels, classes = np.full(len(rows), -1, np.int64), []
-    else:
-        labels, classes = labels_from_values([r[4] for r in rows], f"source {source}")
-    rejected = [Rejection(i, rows[i][3], reasons[i], int(labels[i])) for i in range(len(rows)) if reasons[i]]
-    skipped.sort(key=lambda s: s.path)
-    return Listing(
-        source=source,
-        paths=[r[3] for r in rows],
-        keys=[r[0] for r in rows],
-        labels=labels,
-        classes=classes,
-        rejected=rejected,
-        skipped=skipped,
-    )
+    return container_listing(source, rows, reasons, skipped, cfg.labels)
